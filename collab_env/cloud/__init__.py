@@ -1,0 +1,57 @@
+"""Cloud oracles, swapped by config, all behind the persistent answer cache.
+
+`make_oracle(config, task)` returns a `CachedOracle`. Oracles register here with their config
+class; backends with heavy dependencies are imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from collab_env.cloud.base import CloudAnswer, CloudOracle, CloudStats
+from collab_env.cloud.cache import AnswerCache, CachedOracle
+from collab_env.config import CloudConfig, SimulatedCloudConfig, coerce
+from collab_env.paths import cache_dir
+from collab_env.tasks import Task
+
+CLOUD_CONFIGS: dict[str, type[CloudConfig]] = {"simulated": SimulatedCloudConfig}
+"""Oracle name -> its config class (what `gym.make(..., cloud={...})` and Hydra's `cloud` group build)."""
+
+_ORACLES: dict[str, str] = {"simulated": "collab_env.cloud.simulated:SimulatedOracle"}
+"""Oracle name -> "module:Class", imported when the oracle is made."""
+
+
+def register_oracle(name: str, config_class: type[CloudConfig], oracle_path: str) -> None:
+    """Add an oracle under `name`; a second registration of a taken name with other classes is an error."""
+    if name in _ORACLES and (_ORACLES[name], CLOUD_CONFIGS[name]) != (oracle_path, config_class):
+        raise ValueError(f"cloud oracle {name!r} is already registered as {_ORACLES[name]}")
+    CLOUD_CONFIGS[name] = config_class
+    _ORACLES[name] = oracle_path
+
+
+def cloud_config(value: Any) -> CloudConfig:
+    """A cloud config from a name, dict, OmegaConf node or config instance."""
+    return coerce(CloudConfig, value, "cloud", registry=CLOUD_CONFIGS)
+
+
+def make_oracle(config: Any, task: Task) -> CachedOracle:
+    """The oracle named by `config.name`, wrapped in the answer cache at `config.cache_path`."""
+    config = cloud_config(config)
+    module_name, class_name = _ORACLES[config.name].split(":")
+    oracle_class = getattr(importlib.import_module(module_name), class_name)
+    path = config.cache_path or str(cache_dir() / "cloud-answers.sqlite")
+    return CachedOracle(oracle_class(config, task), AnswerCache(path))
+
+
+__all__ = [
+    "CLOUD_CONFIGS",
+    "AnswerCache",
+    "CachedOracle",
+    "CloudAnswer",
+    "CloudOracle",
+    "CloudStats",
+    "cloud_config",
+    "make_oracle",
+    "register_oracle",
+]

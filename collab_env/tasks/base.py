@@ -1,0 +1,143 @@
+"""The task interface: prompts with ids and splits, ground truth, answer extraction and a verifier."""
+
+from __future__ import annotations
+
+import random
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from collab_env.config import TaskConfig
+from collab_env.errors import ConfigError, DatasetError
+from collab_env.tasks.templates import TEMPLATES, Template
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt. `question` is what the cloud sees; `answer` is the ground truth as text."""
+
+    id: int
+    split: str
+    question: str
+    answer: str
+    level: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RawProblem:
+    """A problem before it has an id and a split (what a task source produces)."""
+
+    question: str
+    answer: str
+    level: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
+
+
+def parse_number(text: str | None) -> Fraction | None:
+    """A number written as an answer ('1,234', '-7', '2.5', '$3/4$', '12.') or None if it is not one."""
+    if text is None:
+        return None
+    cleaned = text.strip().strip("$").replace(",", "").replace(" ", "").rstrip(".")
+    if not cleaned or len(cleaned) > 64 or not _NUMBER.match(cleaned):
+        return None
+    try:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+class Task(ABC):
+    """A source of problems plus the rule that grades an answer.
+
+    Subclasses implement `_generate` (both splits) and may override `verify` and `wrong_answer`.
+    Prompt ids are unique across splits: train ids come first, then test ids.
+    """
+
+    name: str = ""
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+        self.template: Template = TEMPLATES[config.template]
+        train, test = self._generate()
+        if not train or not test:
+            raise DatasetError(
+                f"task {config.name!r} produced {len(train)} training and {len(test)} test problems; "
+                "both splits need at least one (check task.num_train, task.num_test and the data files)."
+            )
+        self._problems: list[Problem] = []
+        for split, rows in (("train", train), ("test", test)):
+            for row in rows:
+                self._problems.append(
+                    Problem(len(self._problems), split, row.question, row.answer, row.level, row.data)
+                )
+        self._by_split = {
+            split: [p for p in self._problems if p.split == split] for split in ("train", "test")
+        }
+
+    @abstractmethod
+    def _generate(self) -> tuple[list[RawProblem], list[RawProblem]]:
+        """The training and test problems, deterministic for the config's seed."""
+
+    def problems(self, split: str) -> list[Problem]:
+        if split not in self._by_split:
+            raise ConfigError(f"unknown split {split!r}; use 'train' or 'test'.")
+        return self._by_split[split]
+
+    def problem(self, prompt_id: int) -> Problem:
+        if not 0 <= int(prompt_id) < len(self._problems):
+            raise ConfigError(
+                f"prompt_id={prompt_id} does not exist: task {self.name!r} has ids 0..{len(self._problems) - 1} "
+                f"(train 0..{len(self._by_split['train']) - 1}, then test)."
+            )
+        return self._problems[int(prompt_id)]
+
+    def __len__(self) -> int:
+        return len(self._problems)
+
+    @property
+    def levels(self) -> list[str]:
+        """Difficulty levels present in the problems, in order of first appearance."""
+        return list(dict.fromkeys(p.level for p in self._problems))
+
+    def messages(self, problem: Problem) -> list[dict[str, str]]:
+        """The device model's chat messages for `problem`."""
+        return self.template.messages(problem.question, self.config.max_steps)
+
+    def cloud_question(self, problem: Problem) -> str:
+        """What a real cloud model is asked: the question alone plus the answer-format sentence."""
+        return f"{problem.question}\n{self.template.cloud_instruction}"
+
+    def extract_answer(self, text: str) -> str | None:
+        return self.template.extract_answer(text)
+
+    def verify(self, problem: Problem, answer: str | None) -> bool:
+        """Binary verifier. The default compares numbers exactly (1,000 = 1000 = 1000.0)."""
+        given, truth = parse_number(answer), parse_number(problem.answer)
+        return given is not None and truth is not None and given == truth
+
+    def wrong_answer(self, problem: Problem, rng: random.Random) -> str:
+        """A plausible wrong answer (used by the simulated cloud); numeric tasks shift the truth."""
+        truth = parse_number(problem.answer)
+        if truth is None:
+            return "no answer"
+        shift = rng.choice([-10, -2, -1, 1, 2, 10])
+        wrong = truth + shift
+        return str(int(wrong)) if wrong.denominator == 1 else str(float(wrong))
+
+
+def split_unique(rows: list[RawProblem], num_train: int, num_test: int) -> tuple[list[RawProblem], list[RawProblem]]:
+    """First `num_train` distinct questions for training, the next `num_test` distinct ones for test."""
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        if row.question not in seen:
+            seen.add(row.question)
+            unique.append(row)
+    return unique[:num_train], unique[num_train : num_train + num_test]
