@@ -52,7 +52,12 @@ class CloudBudget:
         return np.array([self.config.share, self.used_share], dtype=np.float32)
 
     def snapshot(self, over_budget: bool = False) -> dict[str, float | int | bool]:
-        return {"calls": self.calls, "episodes": self.episodes, "ratio": self.used_share, "over_budget": over_budget}
+        return {
+            "calls": self.calls,
+            "episodes": self.episodes,
+            "ratio": self.used_share,
+            "over_budget": over_budget,
+        }
 
     def penalty(self, used_cloud: bool) -> float:
         """The Lagrangian cost of this episode's call in `penalty` mode (v3 App. B eq. 11), else 0."""

@@ -29,7 +29,9 @@ def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> N
 
 def _check_range(field_name: str, value: float, low: float, high: float, why: str = "") -> None:
     if not low <= value <= high:
-        raise ConfigError(f"{field_name}={value} is out of range [{low}, {high}].{(' ' + why) if why else ''}")
+        raise ConfigError(
+            f"{field_name}={value} is out of range [{low}, {high}].{(' ' + why) if why else ''}"
+        )
 
 
 @dataclass

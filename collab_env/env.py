@@ -44,7 +44,9 @@ class _Core:
         self.device_config = coerce(DeviceConfig, device, "device")
         self.task = make_task(coerce(TaskConfig, task, "task"))
         self.tokenizer = load_tokenizer(self.device_config)
-        self.detector = MarkerDetector(self.tokenizer, self.task.template.stop_text, marker_match == "lenient")
+        self.detector = MarkerDetector(
+            self.tokenizer, self.task.template.stop_text, marker_match == "lenient"
+        )
         self.cloud = make_oracle(cloud, self.task)
         self.scorer = EpisodeScorer(self.task, self.cloud, self.config.reward, self.detector)
         self.vocab_size = len(self.tokenizer)
@@ -116,7 +118,9 @@ class _Episode:
         self.last_info = {}
         return {"prompt_id": problem.id, "level": problem.level}
 
-    def step(self, action: int, ids_row: np.ndarray, mask_row: np.ndarray) -> tuple[float, bool, bool, dict[str, Any]]:
+    def step(
+        self, action: int, ids_row: np.ndarray, mask_row: np.ndarray
+    ) -> tuple[float, bool, bool, dict[str, Any]]:
         if self.done or self.state is None:
             raise IllegalActionError("the episode has ended: call reset() before stepping again.")
         state, core = self.state, self.core
@@ -252,8 +256,12 @@ class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
         render_mode: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ConfigError(f"render_mode={render_mode!r}; use one of {self.metadata['render_modes']} or None.")
-        self._core = _Core(task, device, cloud, budget, reward, max_new_tokens, max_prompt_tokens, marker_match, split)
+            raise ConfigError(
+                f"render_mode={render_mode!r}; use one of {self.metadata['render_modes']} or None."
+            )
+        self._core = _Core(
+            task, device, cloud, budget, reward, max_new_tokens, max_prompt_tokens, marker_match, split
+        )
         self.render_mode = render_mode
         self.observation_space = self._core.observation_space
         self.action_space = self._core.action_space
@@ -283,9 +291,15 @@ class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
         return self._core.config
 
     def _obs(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self._ids.copy(), "attention_mask": self._mask.copy(), "budget": self.budget.observation()}
+        return {
+            "input_ids": self._ids.copy(),
+            "attention_mask": self._mask.copy(),
+            "budget": self.budget.observation(),
+        }
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
         options = _check_options(options, RESET_OPTIONS)
         if seed is not None or options.get("reset_budget"):
@@ -309,8 +323,35 @@ class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
         appear as a token. Counts against this env's budget like a stepped episode.
         """
         problem = self._core.task.problem(prompt_id)
-        state, stop = self._core.scorer.run(completion_token_ids, self.help_action, self._core.config.max_new_tokens)
+        state, stop = self._core.scorer.run(
+            completion_token_ids, self.help_action, self._core.config.max_new_tokens
+        )
         return self._core.scorer.finish(problem, state, stop, self.budget)
+
+    def score_many(self, prompt_ids: list[int], completions: list[Any]) -> list[tuple[float, dict[str, Any]]]:
+        """`score` for many completions in order, asking the cloud for all help calls in one batch
+        first (except in `cap` mode, where only admitted calls may reach the cloud)."""
+        scorer = self._core.scorer
+        limit = self._core.config.max_new_tokens
+        problems = [self._core.task.problem(pid) for pid in prompt_ids]
+        runs = [scorer.run(ids, self.help_action, limit) for ids in completions]
+        if self.budget.config.mode != "cap":
+            scorer.prefetch(
+                [p for p, (state, _) in zip(problems, runs, strict=True) if scorer.calls_help(state)]
+            )
+        return [
+            scorer.finish(p, state, stop, self.budget)
+            for p, (state, stop) in zip(problems, runs, strict=True)
+        ]
+
+    def start_completion(self) -> CompletionState:
+        """A fresh completion with this env's stop rules, for generators that run outside the env:
+        `state.feed(token)` returns why the completion stops (eos, help, answer) or None."""
+        return self._core.detector.start()
+
+    def prompt_tokens(self, prompt_id: int) -> np.ndarray:
+        """Token ids of a prompt as the observation shows them (chat template and instructions)."""
+        return self._core.prompt_ids(self._core.task.problem(prompt_id))
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":
@@ -344,7 +385,9 @@ class DeviceCloudVectorEnv(VectorEnv):
         }  # fmt: skip
         unknown = sorted(set(kwargs) - set(defaults))
         if unknown:
-            raise ConfigError(f"unknown argument(s) {unknown} for DeviceCloud-v0; valid: {', '.join(defaults)}.")
+            raise ConfigError(
+                f"unknown argument(s) {unknown} for DeviceCloud-v0; valid: {', '.join(defaults)}."
+            )
         self._core = _Core(**{**defaults, **kwargs})
         self.single_observation_space = self._core.observation_space
         self.single_action_space = self._core.action_space
@@ -381,7 +424,9 @@ class DeviceCloudVectorEnv(VectorEnv):
             "budget": np.stack([b.observation() for b in self.budgets]),
         }
 
-    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         options = _check_options(options, VECTOR_RESET_OPTIONS)
         if seed is not None:
             seeds = seed if isinstance(seed, list | tuple) else [seed + i for i in range(self.num_envs)]
@@ -390,7 +435,9 @@ class DeviceCloudVectorEnv(VectorEnv):
             self._rngs = [seeding.np_random(s)[0] for s in seeds]
         prompt_ids = options.get("prompt_ids")
         if prompt_ids is not None and len(prompt_ids) != self.num_envs:
-            raise ConfigError(f"reset option prompt_ids has {len(prompt_ids)} ids for {self.num_envs} sub-envs.")
+            raise ConfigError(
+                f"reset option prompt_ids has {len(prompt_ids)} ids for {self.num_envs} sub-envs."
+            )
         infos: dict[str, Any] = {}
         split = self._split = options.get("split", self._core.config.split)
         for i, episode in enumerate(self._episodes):
@@ -404,7 +451,9 @@ class DeviceCloudVectorEnv(VectorEnv):
         self._needs_reset[:] = False
         return self._obs(), infos
 
-    def step(self, actions: Any) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def step(
+        self, actions: Any
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs,):
             raise IllegalActionError(f"actions must have shape ({self.num_envs},), got {actions.shape}.")
@@ -425,10 +474,14 @@ class DeviceCloudVectorEnv(VectorEnv):
         self._needs_reset = terminated | truncated
         return self._obs(), rewards, terminated, truncated, infos
 
-    def score(self, prompt_id: int, completion_token_ids: Any, env_index: int = 0) -> tuple[float, dict[str, Any]]:
+    def score(
+        self, prompt_id: int, completion_token_ids: Any, env_index: int = 0
+    ) -> tuple[float, dict[str, Any]]:
         """`DeviceCloudEnv.score` against the budget of sub-env `env_index`."""
         problem = self._core.task.problem(prompt_id)
-        state, stop = self._core.scorer.run(completion_token_ids, self.help_action, self._core.config.max_new_tokens)
+        state, stop = self._core.scorer.run(
+            completion_token_ids, self.help_action, self._core.config.max_new_tokens
+        )
         return self._core.scorer.finish(problem, state, stop, self.budgets[env_index])
 
     def render(self) -> tuple[str, ...] | None:

@@ -19,7 +19,8 @@ import numpy as np
 from collab_env.tasks.templates import HELP_MARKER
 
 _LENIENT_TAGGED = re.compile(
-    r"<\s*unknown\s*>\s*i\s+need\s+(?:some\s+)?external\s+ass?is?s?t[ae]nce\s*\.?\s*<\s*/\s*unknown\s*>", re.IGNORECASE
+    r"<\s*unknown\s*>\s*i\s+need\s+(?:some\s+)?external\s+ass?is?s?t[ae]nce\s*\.?\s*<\s*/\s*unknown\s*>",
+    re.IGNORECASE,
 )
 _LENIENT_UNTAGGED = re.compile(r"i\s+need\s+(?:some\s+)?external\s+ass?is?s?t[ae]nce\W*$", re.IGNORECASE)
 _TAIL_CHARS = 96
@@ -42,7 +43,10 @@ class MarkerDetector:
         self.stop_text = stop_text
         self.lenient = lenient
         self.help_ids: list[int] = tokenizer.encode(HELP_MARKER, add_special_tokens=False)
-        sequences = {tuple(self.help_ids), tuple(tokenizer.encode(" " + HELP_MARKER, add_special_tokens=False))}
+        sequences = {
+            tuple(self.help_ids),
+            tuple(tokenizer.encode(" " + HELP_MARKER, add_special_tokens=False)),
+        }
         self.marker_sequences = [list(s) for s in sequences]
         vocab = tokenizer.get_vocab()
         self.eos_ids = {vocab[t] for t in _EOS_TOKENS if t in vocab}

@@ -97,7 +97,9 @@ def _check_model_dir(path: str | Path, what: str = "device.path") -> Path:
             "(config.json, weights, tokenizer files); no model hub is reachable."
         )
     if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"{what}={path} has no config.json: it is not a Hugging Face model directory.")
+        raise ModelNotFoundError(
+            f"{what}={path} has no config.json: it is not a Hugging Face model directory."
+        )
     return path
 
 

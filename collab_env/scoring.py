@@ -20,13 +20,17 @@ OUTCOMES = ("local_correct", "cloud_correct", "wrong", "over_budget")
 class EpisodeScorer:
     """Grades finished completions of one task against one cloud oracle."""
 
-    def __init__(self, task: Task, oracle: CachedOracle, reward: RewardConfig, detector: MarkerDetector) -> None:
+    def __init__(
+        self, task: Task, oracle: CachedOracle, reward: RewardConfig, detector: MarkerDetector
+    ) -> None:
         self.task = task
         self.oracle = oracle
         self.reward = reward
         self.detector = detector
 
-    def run(self, token_ids: list[int] | Any, help_action: int, max_new_tokens: int) -> tuple[CompletionState, str | None]:
+    def run(
+        self, token_ids: list[int] | Any, help_action: int, max_new_tokens: int
+    ) -> tuple[CompletionState, str | None]:
         """Feed a whole completion through the stop rules of `step`; tokens after the first stop
         (or past `max_new_tokens`) are ignored. Returns the state and why it stopped (None: it ran out)."""
         state = self.detector.start()
@@ -39,10 +43,20 @@ class EpisodeScorer:
                 return state, STOP_LENGTH
         return state, None
 
-    def finish(self, problem: Problem, state: CompletionState, stop: str | None, budget: CloudBudget) -> tuple[float, dict[str, Any]]:
+    def calls_help(self, state: CompletionState) -> bool:
+        """Whether a finished completion called for help (the marker, or the lenient untagged form)."""
+        if state.called_help:
+            return True
+        return self.detector.untagged_call(
+            self.detector.tokenizer.decode(state.ids, skip_special_tokens=True)
+        )
+
+    def finish(
+        self, problem: Problem, state: CompletionState, stop: str | None, budget: CloudBudget
+    ) -> tuple[float, dict[str, Any]]:
         """Reward and info of a finished episode; queries the cloud (cached) when help was called and admitted."""
         text = self.detector.tokenizer.decode(state.ids, skip_special_tokens=True)
-        called_help = state.called_help or self.detector.untagged_call(text)
+        called_help = self.calls_help(state)
         local_answer = self.task.extract_answer(text)
         local_correct = self.task.verify(problem, local_answer)
         used_cloud = budget.record(called_help)

@@ -47,7 +47,12 @@ def test_simulated_oracle_is_deterministic_and_near_its_accuracy():
     second = grade(CachedOracle(SimulatedOracle(config, task), AnswerCache(":memory:")))
     assert first == second
     assert 0.7 < sum(first) / len(first) < 0.9
-    assert 0.2 < sum(grade(make_oracle({"name": "simulated", "accuracy": 0.3, "cache_path": ":memory:"}, task))) / len(problems) < 0.4
+    assert (
+        0.2
+        < sum(grade(make_oracle({"name": "simulated", "accuracy": 0.3, "cache_path": ":memory:"}, task)))
+        / len(problems)
+        < 0.4
+    )
 
 
 def test_env_queries_the_cloud_at_most_once_per_prompt(make_env):

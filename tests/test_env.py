@@ -24,7 +24,10 @@ def test_default_make_uses_embedded_defaults():
     assert env.unwrapped.task.name == "arithmetic"
     assert env.observation_space.contains(obs)
     assert obs["budget"][0] == pytest.approx(0.3)  # rho = 3/7 -> 30% of questions
-    assert env.unwrapped.tokenizer.decode(obs["input_ids"][: obs["attention_mask"].sum()]).count("Calculate") == 1
+    assert (
+        env.unwrapped.tokenizer.decode(obs["input_ids"][: obs["attention_mask"].sum()]).count("Calculate")
+        == 1
+    )
 
 
 def test_gymnasium_and_sb3_env_checkers_pass(make_env):
@@ -43,7 +46,9 @@ def _problem(env, options=None):
 def test_reward_local_correct(make_env):
     env = make_env()
     problem = _problem(env)
-    reward, terminated, truncated, info = play(env, encode(env, f"<think>easy</think><answer>{problem.answer}</answer>"))
+    reward, terminated, truncated, info = play(
+        env, encode(env, f"<think>easy</think><answer>{problem.answer}</answer>")
+    )
     assert (reward, terminated, truncated) == (1.0, True, False)
     assert info["outcome"] == "local_correct" and info["correct"] and not info["called_cloud"]
     assert info["stop_reason"] == "answer" and info["cloud_correct"] is None
@@ -138,7 +143,9 @@ def test_eos_terminates(make_env):
     assert terminated and not truncated and info["stop_reason"] == "eos"
 
 
-@pytest.mark.parametrize("text", ["<answer>{answer}</answer> tail", "<think>x</think>" + HELP_MARKER, "no answer at all"])
+@pytest.mark.parametrize(
+    "text", ["<answer>{answer}</answer> tail", "<think>x</think>" + HELP_MARKER, "no answer at all"]
+)
 def test_score_equals_stepping(make_env, text):
     stepped, scored = make_env(max_new_tokens=20), make_env(max_new_tokens=20)
     problem = _problem(stepped)

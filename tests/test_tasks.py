@@ -24,7 +24,10 @@ def test_arithmetic_levels_splits_and_answers():
         a, op, b = p.data["a"], p.data["op"], p.data["b"]
         assert int(p.answer) == (a + b if op == "+" else a * b)
     carry = [p for p in test if p.level == "add2_carry"]
-    assert all((p.data["a"] % 10 + p.data["b"] % 10 >= 10) or (p.data["a"] // 10 + p.data["b"] // 10 >= 10) for p in carry)
+    assert all(
+        (p.data["a"] % 10 + p.data["b"] % 10 >= 10) or (p.data["a"] // 10 + p.data["b"] // 10 >= 10)
+        for p in carry
+    )
     assert SURFACE["add2"] == SURFACE["add2_carry"]  # same surface, hidden difficulty
     again = make_task({"name": "arithmetic", "num_train": 500, "num_test": 250, "seed": 1})
     assert [p.question for p in again.problems("test")] == [p.question for p in test]
@@ -63,7 +66,9 @@ def test_countdown_task_and_safe_parser():
     assert not check_countdown("(6 - 2) * 3", [1, 2, 3, 6], 12)  # 1 unused
     assert check_countdown("(6 - 2) * 3", [1, 2, 3, 6], 12, use_all=False)
     assert not check_countdown("6 * 6", [1, 2, 3, 6], 36, use_all=False)  # 6 used twice
-    assert solve_countdown(numbers, target) is None or check_countdown(solve_countdown(numbers, target), numbers, target)
+    assert solve_countdown(numbers, target) is None or check_countdown(
+        solve_countdown(numbers, target), numbers, target
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,7 +105,10 @@ def _write(path, rows):
 
 
 def test_jsonl_math_task(tmp_path):
-    rows = [{"problem": f"What is {i}/2?", "solution": f"So it is $\\boxed{{\\frac{{{i}}}{{2}}}}$."} for i in range(1, 11)]
+    rows = [
+        {"problem": f"What is {i}/2?", "solution": f"So it is $\\boxed{{\\frac{{{i}}}{{2}}}}$."}
+        for i in range(1, 11)
+    ]
     task = make_task({"name": "jsonl_math", "path": _write(tmp_path / "m.jsonl", rows), "test_fraction": 0.3})
     assert len(task.problems("test")) == 3 and len(task.problems("train")) == 7
     p = task.problems("test")[0]
@@ -113,8 +121,14 @@ def test_jsonl_math_task(tmp_path):
 
 
 def test_jsonl_countdown_task(tmp_path):
-    rows = [{"nums": [1, 2, 3, 6], "target": 13}, {"nums": [2, 5], "target": 10}, {"nums": [4, 4], "target": 16}]
-    task = make_task({"name": "jsonl_countdown", "path": _write(tmp_path / "c.jsonl", rows), "test_fraction": 0.34})
+    rows = [
+        {"nums": [1, 2, 3, 6], "target": 13},
+        {"nums": [2, 5], "target": 10},
+        {"nums": [4, 4], "target": 16},
+    ]
+    task = make_task(
+        {"name": "jsonl_countdown", "path": _write(tmp_path / "c.jsonl", rows), "test_fraction": 0.34}
+    )
     for p in task.problems("train") + task.problems("test"):
         assert task.verify(p, p.answer)  # answers found by the exhaustive solver
 
@@ -131,7 +145,11 @@ def test_jsonl_countdown_task(tmp_path):
     ],
 )
 def test_malformed_rows_name_file_and_line(tmp_path, name, row, message):
-    good = '{"problem": "1+1", "solution": "\\\\boxed{2}"}' if name == "jsonl_math" else '{"nums": [1, 2], "target": 3}'
+    good = (
+        '{"problem": "1+1", "solution": "\\\\boxed{2}"}'
+        if name == "jsonl_math"
+        else '{"nums": [1, 2], "target": 3}'
+    )
     path = _write(tmp_path / "bad.jsonl", [good, "", row])
     with pytest.raises(DatasetError, match=message) as err:
         make_task({"name": name, "path": path})
@@ -146,4 +164,9 @@ def test_unknown_task_and_level_and_missing_file(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         make_task({"name": "jsonl_math", "path": str(tmp_path / "missing.jsonl")})
     with pytest.raises(DatasetError, match="need at least one"):
-        make_task({"name": "jsonl_math", "path": _write(tmp_path / "one.jsonl", ['{"problem": "a", "solution": "\\\\boxed{1}"}'])})
+        make_task(
+            {
+                "name": "jsonl_math",
+                "path": _write(tmp_path / "one.jsonl", ['{"problem": "a", "solution": "\\\\boxed{1}"}']),
+            }
+        )

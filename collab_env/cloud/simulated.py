@@ -23,7 +23,12 @@ class SimulatedOracle(CloudOracle):
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {**super().identity, "accuracy": self.config.accuracy, "seed": self.config.seed, "task": self.task.name}
+        return {
+            **super().identity,
+            "accuracy": self.config.accuracy,
+            "seed": self.config.seed,
+            "task": self.task.name,
+        }
 
     def _rng(self, problem: Problem) -> random.Random:
         digest = hashlib.sha256(f"{self.config.seed}\x00{problem.question}".encode()).digest()

@@ -66,7 +66,13 @@ LEVELS: dict[str, Callable[[random.Random], tuple[int, str, int]]] = {
 }
 """Level name -> generator of (a, op, b), easiest first."""
 
-SURFACE = {"add2": "2d + 2d", "add2_carry": "2d + 2d", "add3": "3d + 3d", "mul21": "2d * 1d", "mul22": "2d * 2d"}
+SURFACE = {
+    "add2": "2d + 2d",
+    "add2_carry": "2d + 2d",
+    "add3": "3d + 3d",
+    "mul21": "2d * 1d",
+    "mul22": "2d * 2d",
+}
 """What the prompt shows of each level; levels sharing a surface differ only in hidden difficulty."""
 
 

@@ -132,7 +132,9 @@ class Task(ABC):
         return str(int(wrong)) if wrong.denominator == 1 else str(float(wrong))
 
 
-def split_unique(rows: list[RawProblem], num_train: int, num_test: int) -> tuple[list[RawProblem], list[RawProblem]]:
+def split_unique(
+    rows: list[RawProblem], num_train: int, num_test: int
+) -> tuple[list[RawProblem], list[RawProblem]]:
     """First `num_train` distinct questions for training, the next `num_test` distinct ones for test."""
     seen: set[str] = set()
     unique = []

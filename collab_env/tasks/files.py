@@ -22,7 +22,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) for every non-blank line; a line that is not a JSON object is an error."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DatasetError(f"dataset file {path} does not exist; set task.path (and task.test_path) to a JSONL file.")
+        raise DatasetError(
+            f"dataset file {path} does not exist; set task.path (and task.test_path) to a JSONL file."
+        )
     rows = []
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
@@ -44,7 +46,9 @@ class JsonlTask(Task):
     def _generate(self) -> tuple[list[RawProblem], list[RawProblem]]:
         cfg = self.config
         if not cfg.path:
-            raise ConfigError(f"task {cfg.name!r} reads a JSONL file: set task.path (and optionally task.test_path).")
+            raise ConfigError(
+                f"task {cfg.name!r} reads a JSONL file: set task.path (and optionally task.test_path)."
+            )
         train = [self._convert(row, cfg.path, n) for n, row in read_jsonl(cfg.path)]
         if cfg.test_path:
             test = [self._convert(row, cfg.test_path, n) for n, row in read_jsonl(cfg.test_path)]
@@ -60,7 +64,9 @@ class JsonlTask(Task):
         raise NotImplementedError
 
 
-def _require(row: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str, lineno: int, expected: str) -> Any:
+def _require(
+    row: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str, lineno: int, expected: str
+) -> Any:
     if key not in row or not isinstance(row[key], kind) or isinstance(row[key], bool):
         got = "missing" if key not in row else f"a {type(row[key]).__name__}"
         raise DatasetError(f"{path}:{lineno}: key {key!r} is {got}; each row needs {expected}.")
@@ -78,7 +84,9 @@ class MathJsonlTask(JsonlTask):
         solution = _require(row, "solution", str, path, lineno, self._expected)
         answer = row.get("answer") if isinstance(row.get("answer"), str) else last_boxed(solution)
         if not answer:
-            raise DatasetError(f"{path}:{lineno}: the solution has no \\boxed{{}} answer; each row needs {self._expected}.")
+            raise DatasetError(
+                f"{path}:{lineno}: the solution has no \\boxed{{}} answer; each row needs {self._expected}."
+            )
         return RawProblem(problem, answer, str(row.get("level", "")), {})
 
     def verify(self, problem: Problem, answer: str | None) -> bool:
@@ -107,6 +115,15 @@ class CountdownJsonlTask(CountdownMixin, JsonlTask):
         numbers = _require(row, "nums", list, path, lineno, self._expected)
         target = _require(row, "target", int, path, lineno, self._expected)
         if not numbers or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
-            raise DatasetError(f"{path}:{lineno}: 'nums' must be a non-empty list of integers; each row needs {self._expected}.")
-        answer = row.get("solution") if isinstance(row.get("solution"), str) else solve_countdown(numbers, target)
-        return RawProblem(countdown_question(numbers, target), answer or "", f"{len(numbers)} numbers", {"numbers": numbers, "target": target})
+            raise DatasetError(
+                f"{path}:{lineno}: 'nums' must be a non-empty list of integers; each row needs {self._expected}."
+            )
+        answer = (
+            row.get("solution") if isinstance(row.get("solution"), str) else solve_countdown(numbers, target)
+        )
+        return RawProblem(
+            countdown_question(numbers, target),
+            answer or "",
+            f"{len(numbers)} numbers",
+            {"numbers": numbers, "target": target},
+        )

@@ -21,7 +21,9 @@ _TEST_SEED_OFFSET = 1_000_003
 
 
 def _generate_rows(dataset: str, settings: dict[str, Any], seed: int, size: int) -> list[dict[str, Any]]:
-    key = hashlib.sha256(json.dumps([dataset, settings, seed, size], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([dataset, settings, seed, size], sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
     path = cache_dir() / "tasks" / f"{dataset}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -55,7 +57,9 @@ class ReasoningGymTask(Task):
         cfg = self.config
         settings = {**self.defaults, **cfg.generator}
         # Generous sizes: duplicates are dropped and test questions seen in training are removed.
-        test_rows = _generate_rows(self.dataset, settings, cfg.seed + _TEST_SEED_OFFSET, int(cfg.num_test * 1.2) + 10)
+        test_rows = _generate_rows(
+            self.dataset, settings, cfg.seed + _TEST_SEED_OFFSET, int(cfg.num_test * 1.2) + 10
+        )
         train_rows = _generate_rows(self.dataset, settings, cfg.seed, int(cfg.num_train * 1.2) + 10)
         test = [self._convert(r) for r in test_rows]
         test_questions = {p.question for p in test}
@@ -124,7 +128,14 @@ class CountdownTask(CountdownMixin, ReasoningGymTask):
 
     name = "countdown"
     dataset = "countdown"
-    defaults = {"min_numbers": 3, "max_numbers": 4, "min_value": 1, "max_value": 99, "min_target": 10, "max_target": 100}
+    defaults = {
+        "min_numbers": 3,
+        "max_numbers": 4,
+        "min_value": 1,
+        "max_value": 99,
+        "min_target": 10,
+        "max_target": 100,
+    }
 
     def _convert(self, row: dict[str, Any]) -> RawProblem:
         numbers, target = row["metadata"]["numbers"], row["metadata"]["target"]

@@ -1,0 +1,189 @@
+"""What an algorithm is to the shared training loop, the registry of algorithms, and the update loop.
+
+An algorithm does two things, each in one short function of its own module:
+- `prepare(rollout)`: choose the sequences to learn from and attach per-token `advantages` and
+  loss coefficients `coef` (N, Lc) to the batch, such that the batch objective is
+  sum(coef * per-token term). Normalisers (per prompt, per sequence, per token) live in `coef`,
+  so splitting a batch into micro-batches changes nothing.
+- `loss(out, batch)`: the objective on one micro-batch, as a scalar plus metrics.
+
+`update()` below runs epochs, minibatches (one optimizer step each) and gradient accumulation
+for every algorithm alike.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from agents.config import TrainConfig
+from agents.policy import Policy, PolicyOutput
+from agents.rollout import Rollout
+from collab_env.config import BudgetConfig
+from collab_env.errors import unknown_name
+
+
+@dataclass
+class AgentConfig:
+    """Fields every agent config has."""
+
+    name: str = ""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Optimizer steps per pass (the batch is split into this many shuffled minibatches)."""
+
+
+class Algorithm(ABC):
+    """Base of GAPG, GRPO and PPO: the trainer calls `prepare`, then `update` calls `loss`."""
+
+    needs_values = False
+    needs_entropy = False
+    needs_reference = False
+
+    def __init__(
+        self, config: Any, train: TrainConfig, budget: BudgetConfig, seed: int, max_new_tokens: int
+    ) -> None:
+        self.config = config
+        self.train = train
+        self.budget = budget
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+
+    @abstractmethod
+    def prepare(
+        self, rollout: Rollout, step: int, policy: Policy, reference: Policy | None
+    ) -> tuple[Rollout | None, dict[str, float]]:
+        """The batch to learn from with `advantages` and `coef` in `extras` (None: skip this update)."""
+
+    @abstractmethod
+    def loss(self, out: PolicyOutput, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective on a micro-batch; summing it over micro-batches gives the batch objective."""
+
+
+ALGORITHMS: dict[str, tuple[type, type[Algorithm]]] = {}
+"""Agent name -> (config class, algorithm class); filled by `register_algorithm`."""
+
+
+def register_algorithm(name: str, config_class: type, algorithm_class: type[Algorithm]) -> None:
+    from agents.config import register_agent
+
+    if name in ALGORITHMS and ALGORITHMS[name] != (config_class, algorithm_class):
+        raise ValueError(f"algorithm {name!r} is already registered")
+    ALGORITHMS[name] = (config_class, algorithm_class)
+    register_agent(name, config_class)
+
+
+def make_algorithm(
+    config: Any, train: TrainConfig, budget: BudgetConfig, seed: int, max_new_tokens: int
+) -> Algorithm:
+    name = getattr(config, "name", None)
+    if name not in ALGORITHMS:
+        raise unknown_name("agent", name, ALGORITHMS, field="agent.name")
+    return ALGORITHMS[name][1](config, train, budget, seed, max_new_tokens)
+
+
+def trimmed(batch: Rollout) -> Rollout:
+    """Drop the padding columns no row of this micro-batch uses (left of prompts, right of completions)."""
+    used = batch.attention_mask.any(0).nonzero()
+    prompt_len = batch.input_ids.shape[1] - batch.completion_len
+    first = int(used[0]) if len(used) else 0
+    completion = int(batch.completion_mask.any(0).nonzero().max()) + 1 if batch.completion_mask.any() else 1
+    lc = batch.completion_len
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:, :completion] if t.dim() == 2 and t.shape[1] == lc else t
+
+    return Rollout(
+        prompt_ids=batch.prompt_ids,
+        groups=batch.groups,
+        group_size=batch.group_size,
+        input_ids=batch.input_ids[:, first : prompt_len + completion],
+        attention_mask=batch.attention_mask[:, first : prompt_len + completion],
+        completion_mask=batch.completion_mask[:, :completion],
+        old_logprobs=batch.old_logprobs[:, :completion],
+        rewards=batch.rewards,
+        infos=batch.infos,
+        extras={k: cut(v) for k, v in batch.extras.items()},
+    )
+
+
+def micro_batches(batch: Rollout, rows: torch.Tensor, size: int, device: torch.device) -> Iterator[Rollout]:
+    """Trimmed micro-batches of `rows`, moved to `device`."""
+    for start in range(0, len(rows), size):
+        sub = trimmed(batch.select(rows[start : start + size]))
+        yield Rollout(
+            prompt_ids=sub.prompt_ids,
+            groups=sub.groups,
+            group_size=sub.group_size,
+            input_ids=sub.input_ids.to(device),
+            attention_mask=sub.attention_mask.to(device),
+            completion_mask=sub.completion_mask.to(device),
+            old_logprobs=sub.old_logprobs.to(device),
+            rewards=sub.rewards.to(device),
+            infos=sub.infos,
+            extras={k: v.to(device) for k, v in sub.extras.items()},
+        )
+
+
+@torch.no_grad()
+def score_batch(
+    policy: Policy, batch: Rollout, micro_batch_size: int, with_values: bool = False
+) -> PolicyOutput:
+    """Log-probabilities (and values) of every completion token under `policy`, without gradients."""
+    rows = torch.arange(len(batch.prompt_ids))
+    logprobs = torch.zeros_like(batch.old_logprobs)
+    values = torch.zeros_like(batch.old_logprobs) if with_values else None
+    for start in range(0, len(rows), micro_batch_size):
+        index = rows[start : start + micro_batch_size]
+        sub = trimmed(batch.select(index))
+        out = policy(
+            sub.input_ids.to(policy.device), sub.attention_mask.to(policy.device), sub.completion_len
+        )
+        logprobs[index, : sub.completion_len] = out.logprobs.cpu()
+        if values is not None and out.values is not None:
+            values[index, : sub.completion_len] = out.values.cpu()
+    return PolicyOutput(logprobs * batch.completion_mask, None, values)
+
+
+def update(
+    algorithm: Algorithm,
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    batch: Rollout,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Epochs x minibatches of optimizer steps on `batch`, with gradient accumulation over micro-batches."""
+    config, train = algorithm.config, algorithm.train
+    n = len(batch.prompt_ids)
+    totals: dict[str, float] = {}
+    grad_norms = []
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=generator) if config.minibatches > 1 else torch.arange(n)
+        for rows in order.chunk(config.minibatches):
+            optimizer.zero_grad(set_to_none=True)
+            for micro in micro_batches(batch, rows, train.micro_batch_size, policy.device):
+                out = policy(
+                    micro.input_ids,
+                    micro.attention_mask,
+                    micro.completion_len,
+                    with_entropy=algorithm.needs_entropy,
+                )
+                loss, metrics = algorithm.loss(out, micro)
+                # coef normalises over the whole batch; a minibatch is one of `minibatches` equal parts.
+                (loss * config.minibatches).backward()
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
+            params = [p for p in policy.parameters() if p.requires_grad]
+            max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            optimizer.step()
+    # Metrics are coef-weighted sums, so one pass over all minibatches adds up to the batch value.
+    result = {key: value / config.epochs for key, value in totals.items()}
+    result["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return result

@@ -1,0 +1,141 @@
+"""GAPG, the group-adaptive policy gradient (paper-spec section 4; v3 section 3.3, Algorithm 1).
+
+Per prompt x with G samples and rewards r_1..r_G (hierarchical reward, v3 eq. 18):
+
+    grad R(x) = 1/(G-1) * sum_i grad log pi(y_i^theta | x) * (r_i - mean(r))        (v3 eq. 2)
+
+an unbiased estimator (Prop. 3.1) with no std scaling, no ratio clipping, no KL and no length
+normalisation: log pi is summed over the device's own tokens. Only prompts kept by the adaptive
+filter (Alg. 1 lines 11-12) are learned from, averaged per prompt (v3 eq. 5):
+
+    Set 1 = prompts with at least one locally correct sample,
+    Set 2 = up to floor(rho * |Set 1|) prompts with no locally correct sample but a correct cloud answer,
+    theta <- theta + eta / |Set 1 u Set 2| * sum_{x in Set 1 u Set 2} grad R(x).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agents.algorithm import AgentConfig, Algorithm, register_algorithm
+from agents.policy import Policy, PolicyOutput
+from agents.rollout import Rollout
+from collab_env.errors import ConfigError
+
+SET1_RULES = ("any_local_correct", "mixed")
+SET2_ORDERS = ("random", "first")
+
+
+@dataclass
+class GAPGConfig(AgentConfig):
+    """Settings of GAPG; the paper's open questions (paper-spec section 11) are fields here."""
+
+    name: str = "gapg"
+    set1_rule: str = "any_local_correct"
+    """Set 1: any_local_correct (the text of v3 section 3.3.2: at least one sample correct on the
+    device) or mixed (Alg. 1 line 11: both locally correct and other samples; all-correct groups,
+    which have zero advantage anyway, then leave the per-prompt average)."""
+    set2_order: str = "random"
+    """Which Set 2 candidates fill the quota when there are more than rho*|Set 1|: random or first."""
+    filter_ratio: float | None = None
+    """rho of the filter; null uses budget.ratio (the paper: "the filtering ratio inherits from the constraint")."""
+    filtering: bool = True
+    """False learns from every prompt (the filtering-off ablation, v3 App. A.1.3)."""
+
+    def __post_init__(self) -> None:
+        if self.set1_rule not in SET1_RULES:
+            raise ConfigError(f"agent.set1_rule={self.set1_rule!r}; choose one of: {', '.join(SET1_RULES)}.")
+        if self.set2_order not in SET2_ORDERS:
+            raise ConfigError(
+                f"agent.set2_order={self.set2_order!r}; choose one of: {', '.join(SET2_ORDERS)}."
+            )
+        if self.filter_ratio is not None and not 0 <= self.filter_ratio <= 1:
+            raise ConfigError(f"agent.filter_ratio={self.filter_ratio} must be between 0 and 1 (or null).")
+        if self.epochs != 1 or self.minibatches != 1:
+            raise ConfigError(
+                "GAPG is on-policy without importance ratios (v3 eq. 5): agent.epochs and agent.minibatches "
+                "must be 1. Use agent=grpo for several epochs or minibatches per batch."
+            )
+
+
+def gapg_weights(rewards: torch.Tensor) -> torch.Tensor:
+    """(prompts, G) -> (r_i - mean_j r_j) / (G - 1): the per-sample weight of grad log pi in v3 eq. 2."""
+    group_size = rewards.shape[-1]
+    return (rewards - rewards.mean(dim=-1, keepdim=True)) / (group_size - 1)
+
+
+def select_prompts(
+    local_correct: torch.Tensor,
+    cloud_correct: torch.Tensor,
+    rho: float,
+    set1_rule: str,
+    set2_order: str,
+    rng: np.random.Generator,
+) -> tuple[list[int], list[int], int]:
+    """Adaptive prompt filtering (Alg. 1 lines 11-12) on (prompts, G) boolean matrices.
+
+    Returns Set 1, Set 2 (prompt indices) and the number of Set 2 candidates.
+    """
+    has_local = local_correct.any(dim=1)
+    if set1_rule == "mixed":
+        has_local = has_local & ~local_correct.all(dim=1)
+    set1 = has_local.nonzero().flatten().tolist()
+    candidates = (~local_correct.any(dim=1) & cloud_correct.any(dim=1)).nonzero().flatten().tolist()
+    quota = math.floor(rho * len(set1) + 1e-9)
+    if set2_order == "random":
+        candidates_in_order = [candidates[i] for i in rng.permutation(len(candidates))]
+    else:
+        candidates_in_order = candidates
+    return set1, sorted(candidates_in_order[:quota]), len(candidates)
+
+
+def gapg_loss(logprobs: torch.Tensor, weights: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """-(1/|S|) sum_x sum_i w_i sum_t log pi(y_i,t): minus the v3 eq. 5 ascent direction (coef holds 1/|S|)."""
+    return -(coef * weights * logprobs).sum()
+
+
+class GAPG(Algorithm):
+    def prepare(
+        self, rollout: Rollout, step: int, policy: Policy, reference: Policy | None
+    ) -> tuple[Rollout | None, dict[str, float]]:
+        config: GAPGConfig = self.config
+        rewards = rollout.rewards.view(rollout.num_prompts, rollout.group_size)
+        if config.filtering:
+            rho = self.budget.ratio if config.filter_ratio is None else config.filter_ratio
+            rng = np.random.default_rng([self.seed, step])
+            set1, set2, candidates = select_prompts(
+                rollout.flag("local_correct"),
+                rollout.flag("cloud_correct"),
+                rho,
+                config.set1_rule,
+                config.set2_order,
+                rng,
+            )
+        else:
+            set1, set2, candidates = list(range(rollout.num_prompts)), [], 0
+        metrics = {
+            "gapg/set1": float(len(set1)),
+            "gapg/set2": float(len(set2)),
+            "gapg/set2_candidates": float(candidates),
+        }
+        chosen = sorted(set1 + set2)
+        if not chosen:
+            return None, metrics
+        weights = gapg_weights(rewards)[chosen].flatten()
+        rows = torch.cat([torch.arange(p * rollout.group_size, (p + 1) * rollout.group_size) for p in chosen])
+        batch = rollout.select(rows)
+        batch.extras["advantages"] = weights[:, None] * batch.completion_mask
+        batch.extras["coef"] = batch.completion_mask / len(chosen)
+        metrics["adv/abs_mean"] = float(weights.abs().mean())
+        return batch, metrics
+
+    def loss(self, out: PolicyOutput, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = gapg_loss(out.logprobs, batch.extras["advantages"], batch.extras["coef"])
+        return loss, {"loss/policy": float(loss)}
+
+
+register_algorithm("gapg", GAPGConfig, GAPG)

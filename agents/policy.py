@@ -1,0 +1,131 @@
+"""A causal LM as a policy over tokens: log-probabilities of completions, optional value head.
+
+Sequences are laid out as [left-padded prompt | right-padded completion], so every completion
+starts at the same column `prompt_len`; only the logits of completion positions are computed
+(`logits_to_keep`), which matters when prompts are long and the vocabulary is large.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from collab_env.config import DeviceConfig
+from collab_env.errors import DependencyNotInstalled
+from collab_env.models import load_model, load_tokenizer
+
+
+def pick_device(name: str) -> str:
+    """`auto` is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+@dataclass
+class PolicyOutput:
+    """Per completion token (N, Lc): log pi(token | prefix), and optionally entropy and value V(prefix)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+class Policy(nn.Module):
+    """Wraps a causal LM (optionally LoRA, optionally with a scalar value head for PPO)."""
+
+    def __init__(self, model: Any, tokenizer: Any, value_head: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        hidden = model.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+            self.value_head.to(device=self.device, dtype=torch.float32)
+
+    @classmethod
+    def load(
+        cls,
+        device_config: DeviceConfig,
+        device: str = "cpu",
+        lora_rank: int = 0,
+        gradient_checkpointing: bool = False,
+        value_head: bool = False,
+    ) -> Policy:
+        model = load_model(device_config, device=device)
+        if lora_rank > 0:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError as err:
+                raise DependencyNotInstalled(
+                    "train.lora_rank > 0 needs peft: pip install 'devicecloud[lora]'"
+                ) from err
+            lora = LoraConfig(
+                r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear", lora_dropout=0.0
+            )
+            model = get_peft_model(model, lora)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        return cls(model, load_tokenizer(device_config), value_head=value_head)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_len: int,
+        with_entropy: bool = False,
+    ) -> PolicyOutput:
+        """Scores the last `completion_len` tokens of each row given everything before them."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=completion_len + 1,
+            output_hidden_states=self.value_head is not None,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1, : self.vocab_size].float()
+        targets = input_ids[:, -completion_len:]
+        log_norm = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        entropy = None
+        if with_entropy:
+            probs = torch.softmax(logits, dim=-1)
+            entropy = log_norm - (probs * logits).sum(-1)
+        values = None
+        if self.value_head is not None:
+            hidden = out.hidden_states[-1][:, -completion_len - 1 : -1].float()
+            values = self.value_head(hidden).squeeze(-1)
+        return PolicyOutput(logprobs, entropy, values)
+
+    def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the next token after each (right-padded) row, without a cache (for env stepping)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).logits
+        last = attention_mask.long().sum(-1) - 1
+        return logits[torch.arange(len(last), device=logits.device), last, : self.vocab_size].float()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The parameters that training changes (LoRA adapters only, when LoRA is on)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}

@@ -1,0 +1,236 @@
+"""The training loop every algorithm shares: sample prompts, roll out G completions each, score them
+in the environment, let the algorithm prepare its batch, update, log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import collab_env  # noqa: F401  (registers DeviceCloud-v0)
+from agents.algorithm import make_algorithm, score_batch, update
+from agents.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from agents.config import RunConfig
+from agents.evaluation import EvalResult, evaluate_policy, make_eval_env
+from agents.policy import Policy, pick_device
+from agents.rollout import Rollout, make_rollout
+from agents.run_log import RunLog
+from collab_env.config import BudgetConfig, DeviceConfig
+
+RESUME_MUST_MATCH = ("agent", "task", "device", "env", "train.group_size", "train.prompts_per_step", "seed")
+
+
+def resolve_device(run: RunConfig) -> DeviceConfig:
+    """The device config to load: models built locally (tiny-arith) are built or found in the cache first."""
+    if run.device.name == "tiny-arith" and not run.device.path:
+        from agents.warmup import ensure_tiny_arith
+
+        return ensure_tiny_arith(run.device, run.task)
+    return run.device
+
+
+def make_train_env(run: RunConfig, budget: BudgetConfig | None = None, split: str = "train") -> gym.Env:
+    return gym.make(
+        "DeviceCloud-v0",
+        task=run.task,
+        device=run.device,
+        cloud=run.cloud,
+        budget=budget or run.budget,
+        reward=run.env.reward,
+        max_new_tokens=run.env.max_new_tokens,
+        max_prompt_tokens=run.env.max_prompt_tokens,
+        marker_match=run.env.marker_match,
+        split=split,
+    )
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """`env/` metrics of a scored batch: reward, outcome fractions, help rate, completion length."""
+    n = len(rollout.infos)
+    outcomes = [info["outcome"] for info in rollout.infos]
+    return {
+        "env/reward": float(rollout.rewards.mean()),
+        "env/local_correct": outcomes.count("local_correct") / n,
+        "env/cloud_correct": outcomes.count("cloud_correct") / n,
+        "env/wrong": outcomes.count("wrong") / n,
+        "env/help_rate": sum(info["called_help"] for info in rollout.infos) / n,
+        "env/completion_tokens": float(rollout.completion_mask.sum(1).mean()),
+    }
+
+
+class Trainer:
+    """Builds everything a run needs from a `RunConfig` and trains it, resumable from checkpoints."""
+
+    def __init__(self, run: RunConfig, run_dir: str | Path) -> None:
+        self.run = run
+        self.run_dir = Path(run_dir)
+        self.train = run.train
+        torch.manual_seed(run.seed)
+        self.device = pick_device(run.train.device)
+        device_config = resolve_device(run)
+        self.run = run = dataclasses.replace(run, device=device_config)
+        self.env = make_train_env(run)
+        self.algorithm = make_algorithm(run.agent, run.train, run.budget, run.seed, run.env.max_new_tokens)
+        self.policy = Policy.load(
+            device_config,
+            self.device,
+            run.train.lora_rank,
+            run.train.gradient_checkpointing,
+            self.algorithm.needs_values,
+        )
+        if run.warmup is not None:
+            from agents.warmup import format_warmup
+
+            format_warmup(self.policy, run)
+        self.reference = None
+        if self.algorithm.needs_reference:
+            self.reference = Policy.load(device_config, self.device)
+            self.reference.requires_grad_(False)
+        self.engine = make_rollout(self.policy, self.env, run.rollout, run.seed)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=run.train.lr, betas=tuple(run.train.betas), weight_decay=run.train.weight_decay
+        )
+        warmup = run.train.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self.eval_prompts = [p.id for p in self.env.unwrapped.task.problems("test")][: run.train.eval_prompts]
+        self.eval_env = make_eval_env(run, len(self.eval_prompts))
+        self.start_step = self._resume()
+        self.generator = torch.Generator().manual_seed(run.seed)
+
+    def _config_snapshot(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self.run), default=str))
+
+    def _resume(self) -> int:
+        resume = self.train.resume
+        if resume == "never":
+            return 0
+        found = list_checkpoints(self.run_dir) if resume == "auto" else [Path(resume)]
+        if not found:
+            return 0
+        state = load_checkpoint(found[-1], self.policy, self.optimizer, self.scheduler)
+        now = self._config_snapshot()
+        for key in RESUME_MUST_MATCH:
+            before, after = _dig(state["config"], key), _dig(now, key)
+            if before != after:
+                raise CheckpointError(
+                    f"cannot resume from {found[-1]}: its {key} was {before}, this run has {after}. "
+                    "Use a new run directory (hydra.run.dir=...) or train.resume=never."
+                )
+        budget = state.get("budget", {})
+        self.env.unwrapped.budget.calls = budget.get("calls", 0)
+        self.env.unwrapped.budget.episodes = budget.get("episodes", 0)
+        return int(state["step"])
+
+    def prompt_batch(self, step: int) -> list[int]:
+        """The prompts of iteration `step` (1-based): a fresh seeded permutation of the training split per epoch."""
+        ids = [p.id for p in self.env.unwrapped.task.problems("train")]
+        size = self.train.prompts_per_step
+        out = []
+        for position in range((step - 1) * size, step * size):
+            epoch, offset = divmod(position, len(ids))
+            order = np.random.default_rng([self.run.seed, epoch]).permutation(len(ids))
+            out.append(ids[order[offset]])
+        return out
+
+    def fit(self) -> dict[str, float]:
+        """Train to `train.steps`, then evaluate on held-out prompts; returns the last metrics."""
+        log = RunLog(self.run_dir, self.train.steps, self.start_step, self.train.progress)
+        metrics: dict[str, float] = {}
+        try:
+            for step in range(self.start_step + 1, self.train.steps + 1):
+                metrics = self.step(step, log)
+                is_last = step == self.train.steps
+                if is_last or (self.train.eval_every and step % self.train.eval_every == 0):
+                    metrics.update(self.evaluate().metrics("eval/"))
+                log.log(step, metrics)
+                if is_last or (self.train.save_every and step % self.train.save_every == 0):
+                    self.save(step, metrics)
+        finally:
+            log.close()
+        (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
+        return metrics
+
+    def step(self, step: int, log: RunLog) -> dict[str, float]:
+        started = time.perf_counter()
+        self.policy.eval()
+        rollout = self.engine.rollout(
+            self.prompt_batch(step), self.train.group_size, seed=self.run.seed * 1_000_003 + step
+        )
+        generated = time.perf_counter()
+        metrics = rollout_metrics(rollout)
+        tokens = float(rollout.completion_mask.sum())
+        self.policy.train()
+        if self.run.rollout.temperature != 1.0 or self.run.rollout.top_p != 1.0:
+            # Ratio-based losses need log-probs of the policy itself, not of the tempered sampler.
+            rollout.old_logprobs = score_batch(self.policy, rollout, self.train.micro_batch_size).logprobs
+        batch, prepared = self.algorithm.prepare(rollout, step, self.policy, self.reference)
+        metrics.update(prepared)
+        if batch is not None:
+            metrics.update(update(self.algorithm, self.policy, self.optimizer, batch, self.generator))
+            self.engine.sync_weights()
+            self.scheduler.step()  # the warm-up counts updates, not iterations
+        metrics["train/updated"] = float(batch is not None)
+        done = time.perf_counter()
+        stats = self.env.unwrapped.cloud.stats
+        metrics.update(
+            {
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/step_time": done - started,
+                "train/generate_time": generated - started,
+                "train/update_time": done - generated,
+                "train/tokens_per_s": tokens / max(generated - started, 1e-9),
+                "cloud/calls": float(stats.calls),
+                "cloud/cache_hits": float(stats.cache_hits),
+            }
+        )
+        log.log_samples(step, self._samples(rollout))
+        return metrics
+
+    def _samples(self, rollout: Rollout) -> list[dict[str, Any]]:
+        tokenizer = self.policy.tokenizer
+        out = []
+        for i in range(min(self.train.log_samples, len(rollout.infos))):
+            tokens = rollout.input_ids[i, -rollout.completion_len :][rollout.completion_mask[i].bool()]
+            info = rollout.infos[i]
+            question = self.env.unwrapped.task.problem(rollout.prompt_ids[i]).question
+            out.append(
+                {
+                    "question": question,
+                    "completion": tokenizer.decode(tokens),
+                    "reward": float(rollout.rewards[i]),
+                    "outcome": info["outcome"],
+                }
+            )
+        return out
+
+    def evaluate(self) -> EvalResult:
+        return evaluate_policy(
+            self.policy, self.eval_env, self.eval_prompts, self.run.rollout, self.run.evaluate.max_batch
+        )
+
+    def save(self, step: int, metrics: dict[str, float]) -> Path:
+        budget = self.env.unwrapped.budget
+        extra = {
+            "config": self._config_snapshot(),
+            "metrics": metrics,
+            "budget": {"calls": budget.calls, "episodes": budget.episodes},
+        }
+        return save_checkpoint(
+            self.run_dir, step, self.policy, self.optimizer, self.scheduler, extra, self.train.keep_last
+        )
+
+
+def _dig(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
