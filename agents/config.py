@@ -135,8 +135,14 @@ class EvalConfig:
     """Sequences decoded together."""
     max_new_tokens: int = 0
     """0: the env's max_new_tokens."""
-    run_dir: str | None = None
-    """A training run directory (or a multirun sweep directory) whose checkpoints are evaluated."""
+    methods: list[str] = field(default_factory=lambda: ["device_only", "cloud_only"])
+    """Methods compared in the report (agents.baselines.METHODS)."""
+    seed: int = 0
+    """Seed of randomised baselines (random offload)."""
+    train_missing: bool = True
+    """Train the runs that trained methods need when they are missing or unfinished."""
+    router_prompts: int = 1000
+    """Training prompts whose device outcomes label the prompt router."""
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "test"):
@@ -165,6 +171,8 @@ class RunConfig:
     seed: int = 0
     name: str = "run"
     """Short name of the run, used in output paths and reports."""
+    run_dir: str | None = None
+    """agents.evaluate: a training run directory (or a multirun sweep directory) to evaluate."""
 
 
 def register_configs() -> None:

@@ -135,7 +135,7 @@ class GAPG(Algorithm):
 
     def loss(self, out: PolicyOutput, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         loss = gapg_loss(out.logprobs, batch.extras["advantages"], batch.extras["coef"])
-        return loss, {"loss/policy": float(loss)}
+        return loss, {"loss/policy": loss.item()}
 
 
 register_algorithm("gapg", GAPGConfig, GAPG)

@@ -75,6 +75,14 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+@dataclass
+class DrGRPOConfig(GRPOConfig):
+    """Dr. GRPO defaults (`agent=dr_grpo`): the v3 paper's Collaboration-Aware Tuning optimizer."""
+
+    name: str = "dr_grpo"
+    loss_type: str = "dr_grpo"
+
+
 class GRPO(Algorithm):
     @property
     def needs_reference(self) -> bool:  # type: ignore[override]
@@ -108,13 +116,13 @@ class GRPO(Algorithm):
             out.logprobs, batch.old_logprobs, batch.extras["advantages"], config.clip_epsilon, high
         )
         loss = -(coef * surrogate).sum()
-        metrics = {"loss/policy": float(loss), "loss/clip_fraction": float((coef * clipped).sum())}
+        metrics = {"loss/policy": loss.item(), "loss/clip_fraction": (coef * clipped).sum().item()}
         if "ref_logprobs" in batch.extras:
             kl = (coef * kl_k3(out.logprobs, batch.extras["ref_logprobs"])).sum()
             loss = loss + config.beta * kl
-            metrics["loss/kl"] = float(kl)
+            metrics["loss/kl"] = kl.item()
         return loss, metrics
 
 
 register_algorithm("grpo", GRPOConfig, GRPO)
-register_algorithm("dr_grpo", GRPOConfig, GRPO)
+register_algorithm("dr_grpo", DrGRPOConfig, GRPO)

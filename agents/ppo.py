@@ -104,10 +104,10 @@ class PPO(Algorithm):
         entropy = (coef * out.entropy).sum()
         loss = policy_loss + config.vf_coef * value_loss - config.ent_coef * entropy
         return loss, {
-            "loss/policy": float(policy_loss),
-            "loss/value": float(value_loss),
-            "loss/entropy": float(entropy),
-            "loss/clip_fraction": float((coef * clipped).sum()),
+            "loss/policy": policy_loss.item(),
+            "loss/value": value_loss.item(),
+            "loss/entropy": entropy.item(),
+            "loss/clip_fraction": (coef * clipped).sum().item(),
         }
 
 

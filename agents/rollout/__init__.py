@@ -6,7 +6,7 @@ from typing import Any
 
 from agents.config import RolloutConfig
 from agents.policy import Policy
-from agents.rollout.base import Generation, Rollout, RolloutEngine, pad_batch
+from agents.rollout.base import GeneratingRollout, Generation, Rollout, RolloutEngine, pad_batch
 
 
 def make_rollout(policy: Policy, env: Any, config: RolloutConfig, seed: int = 0) -> RolloutEngine:
@@ -24,4 +24,4 @@ def make_rollout(policy: Policy, env: Any, config: RolloutConfig, seed: int = 0)
     return VLLMRollout(policy, env, config, seed)
 
 
-__all__ = ["Generation", "Rollout", "RolloutEngine", "make_rollout", "pad_batch"]
+__all__ = ["Generation", "GeneratingRollout", "Rollout", "RolloutEngine", "make_rollout", "pad_batch"]

@@ -104,7 +104,7 @@ def pad_batch(prompts: list[np.ndarray], generation: Generation, pad_id: int) ->
 
 
 class RolloutEngine(ABC):
-    """Generates G completions per prompt with a policy and scores them through the env."""
+    """Produces G scored completions per prompt with a policy."""
 
     def __init__(self, policy: Policy, env: Any, config: RolloutConfig, seed: int = 0) -> None:
         self.policy = policy
@@ -113,12 +113,6 @@ class RolloutEngine(ABC):
         self.seed = seed
 
     @abstractmethod
-    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, greedy: bool, seed: int) -> Generation:
-        """Completions for each prompt (already repeated G times), stopping at EOS, marker or answer end."""
-
-    def sync_weights(self) -> None:
-        """Push the policy's new weights to an external engine (vLLM); in-process backends share them."""
-
     def rollout(
         self,
         prompt_ids: list[int],
@@ -127,13 +121,10 @@ class RolloutEngine(ABC):
         max_new_tokens: int | None = None,
         seed: int | None = None,
     ) -> Rollout:
-        """G samples for each prompt, scored by `env.score_many` (the env's own reward code)."""
-        expanded = [pid for pid in prompt_ids for _ in range(group_size)]
-        prompts = [self.env.prompt_tokens(pid) for pid in expanded]
-        limit = max_new_tokens or self.env.config.max_new_tokens
-        generation = self.generate(prompts, limit, greedy, self.seed if seed is None else seed)
-        scored = self.env.score_many(expanded, generation.completions)
-        return self._assemble(expanded, prompts, generation, scored, group_size)
+        """G samples for each prompt, with the rewards and final infos of the environment."""
+
+    def sync_weights(self) -> None:
+        """Push the policy's new weights to an external engine (vLLM); in-process backends share them."""
 
     def _assemble(
         self,
@@ -157,3 +148,26 @@ class RolloutEngine(ABC):
             rewards=torch.tensor([r for r, _ in scored], dtype=torch.float32),
             infos=[info for _, info in scored],
         )
+
+
+class GeneratingRollout(RolloutEngine):
+    """Backends that generate whole completions, then score them with `env.score_many`."""
+
+    @abstractmethod
+    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, greedy: bool, seed: int) -> Generation:
+        """Completions for each prompt (already repeated G times), stopping at EOS, marker or answer end."""
+
+    def rollout(
+        self,
+        prompt_ids: list[int],
+        group_size: int,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+    ) -> Rollout:
+        expanded = [pid for pid in prompt_ids for _ in range(group_size)]
+        prompts = [self.env.prompt_tokens(pid) for pid in expanded]
+        limit = max_new_tokens or self.env.config.max_new_tokens
+        generation = self.generate(prompts, limit, greedy, self.seed if seed is None else seed)
+        scored = self.env.score_many(expanded, generation.completions)
+        return self._assemble(expanded, prompts, generation, scored, group_size)

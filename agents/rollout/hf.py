@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from agents.rollout.base import Generation, RolloutEngine
+from agents.rollout.base import GeneratingRollout, Generation
 
 
 def sample_tokens(
@@ -34,7 +34,7 @@ def sample_tokens(
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class HFRollout(RolloutEngine):
+class HFRollout(GeneratingRollout):
     """Batched generation with a KV cache; rows leave the batch as soon as they stop."""
 
     @torch.no_grad()

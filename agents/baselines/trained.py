@@ -1,0 +1,129 @@
+"""Methods that need a training run: task-tuning only, Collaboration-Aware Tuning (GRPO / Dr. GRPO
+with the hierarchical reward, no filtering), PPO, and GAPG.
+
+Runs live in `<experiment dir>/runs/<agent>-<template>/seed<seed>/`, the directory that
+`python -m agents.train` uses for the same experiment, so a run trained by hand is picked up here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from agents.algorithm import ALGORITHMS
+from agents.baselines import EvalContext, MethodResult, method
+from agents.checkpoint import list_checkpoints, load_checkpoint
+from agents.config import RunConfig
+from agents.evaluation import summarize
+from agents.policy import Policy
+from collab_env.config import BudgetConfig
+from collab_env.errors import DeviceCloudError
+
+
+class MissingRunError(DeviceCloudError):
+    """A method needs a training run that does not exist and may not be trained now."""
+
+
+def variant(run: RunConfig, agent_name: str, template: str | None) -> RunConfig:
+    """The run's settings with another agent (its own defaults unless it is the configured one) and template."""
+    agent = run.agent if getattr(run.agent, "name", None) == agent_name else ALGORITHMS[agent_name][0]()
+    task = dataclasses.replace(run.task, template=template or run.task.template)
+    return dataclasses.replace(run, agent=agent, task=task)
+
+
+def run_directory(ctx: EvalContext, run: RunConfig) -> Path:
+    return ctx.experiment_dir / "runs" / f"{run.agent.name}-{run.task.template}" / f"seed{run.seed}"
+
+
+def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints and checkpoints[-1].name == f"step_{steps:06d}" else None
+
+
+def load_trained(ctx: EvalContext, run: RunConfig, checkpoint: Path) -> Policy:
+    needs_values = ALGORITHMS[run.agent.name][1].needs_values
+    policy = Policy.load(ctx.device_config, ctx.device, run.train.lora_rank, value_head=needs_values)
+    load_checkpoint(checkpoint, policy, None, None)
+    return policy.eval()
+
+
+def trained_policy(ctx: EvalContext, agent_name: str, template: str | None) -> tuple[Policy, Path]:
+    """The final policy of a run (trained now if missing and `evaluate.train_missing`) and its directory."""
+    from agents.trainer import Trainer
+
+    run = variant(ctx.run, agent_name, template)
+    run_dir = run_directory(ctx, run)
+
+    def obtain() -> Policy:
+        checkpoint = finished_checkpoint(run_dir, run.train.steps)
+        if checkpoint is not None:
+            return load_trained(ctx, run, checkpoint)
+        if not ctx.run.evaluate.train_missing:
+            raise MissingRunError(
+                f"no finished run in {run_dir}; train it with `python -m agents.train experiment=... "
+                f"agent={agent_name} task.template={run.task.template}` or set evaluate.train_missing=true."
+            )
+        print(f"[evaluate] training {agent_name} ({run.task.template} template) in {run_dir}", flush=True)
+        trainer = Trainer(run, run_dir)
+        trainer.fit()
+        return trainer.policy.eval()
+
+    return ctx.memo(f"policy:{run_dir}", obtain), run_dir
+
+
+def _trained(ctx: EvalContext, name: str, label: str, agent: str, template: str | None) -> MethodResult:
+    policy, run_dir = trained_policy(ctx, agent, template)
+    env = ctx.env(template=template)
+    return MethodResult(name, label, ctx.greedy(policy, env), training_metrics=run_dir / "metrics.csv")
+
+
+@method("task_tuning")
+def task_tuning(ctx: EvalContext) -> MethodResult:
+    """GRPO on the task without the help option; every question answered on the device."""
+    return _trained(ctx, "task_tuning", "Task-tuning only (GRPO)", "grpo", "plain")
+
+
+@method("collab_grpo")
+def collab_grpo(ctx: EvalContext) -> MethodResult:
+    """Hierarchical reward + GRPO on every prompt (paper v1's Collaboration-Aware Tuning)."""
+    return _trained(ctx, "collab_grpo", "Hier. reward + GRPO (no filter)", "grpo", None)
+
+
+@method("collab_dr_grpo")
+def collab_dr_grpo(ctx: EvalContext) -> MethodResult:
+    """Hierarchical reward + Dr. GRPO on every prompt (paper v3's Collaboration-Aware Tuning)."""
+    return _trained(ctx, "collab_dr_grpo", "Hier. reward + Dr. GRPO (no filter)", "dr_grpo", None)
+
+
+@method("ppo")
+def ppo(ctx: EvalContext) -> MethodResult:
+    """Hierarchical reward + token-level PPO with a value head."""
+    return _trained(ctx, "ppo", "Hier. reward + PPO", "ppo", None)
+
+
+@method("gapg")
+def gapg(ctx: EvalContext) -> MethodResult:
+    """GAPG; when budget-sweep runs exist (`python -m agents.train -m budget.ratio=...`), their
+    capped results form its accuracy-vs-cloud-rate curve."""
+    result = _trained(ctx, "gapg", "GAPG (ours)", "gapg", None)
+    result.curve = sweep_curve(ctx, "gapg")
+    return result
+
+
+def sweep_curve(ctx: EvalContext, agent_name: str) -> list[tuple[float, float]]:
+    """(cloud rate, accuracy) of every finished budget-sweep run of `agent_name`, each under its own cap."""
+    root = ctx.experiment_dir / "sweep" / f"{agent_name}-{ctx.run.task.template}"
+    points = []
+    for state in sorted(root.glob("*/seed*/checkpoints/step_*/state.json")) if root.is_dir() else []:
+        saved = json.loads(state.read_text())["config"]
+        ratio = float(saved["budget"]["ratio"])
+        run = dataclasses.replace(variant(ctx.run, agent_name, None), budget=BudgetConfig(**saved["budget"]))
+        checkpoint = state.parent
+        if finished_checkpoint(checkpoint.parent.parent, run.train.steps) != checkpoint:
+            continue
+        policy = load_trained(ctx, run, checkpoint)
+        env = ctx.env(budget=BudgetConfig(mode="cap", ratio=ratio, window=len(ctx.prompt_ids)))
+        metrics = summarize(ctx.greedy(policy, env))
+        points.append((metrics["cloud_rate"], metrics["accuracy"]))
+    return sorted(points)

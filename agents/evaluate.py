@@ -1,0 +1,66 @@
+"""Hydra entry point: `python -m agents.evaluate experiment=arithmetic_cpu [run_dir=outputs/...]`.
+
+Compares the methods of `evaluate.methods` (agents.baselines) on held-out prompts with greedy
+decoding and the test-time cloud cap. Trained methods use the runs in `<run_dir>/runs/` and train
+the missing ones first (`evaluate.train_missing`). Writes report.md, results.json, pareto.png and
+curves.png into `<run_dir>/report/` (run_dir defaults to outputs/<name>).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import agents.gapg  # noqa: F401  (registers the algorithms before Hydra reads the agent group)
+import agents.grpo  # noqa: F401
+import agents.ppo  # noqa: F401
+from agents.baselines import EvalContext, run_method
+from agents.config import RunConfig, register_configs, to_objects
+from agents.report import write_report
+
+register_configs()
+
+
+def evaluate(run: RunConfig, experiment_dir: Path) -> Path:
+    """Run every configured method and write the report; returns the report's path."""
+    started = time.perf_counter()
+    ctx = EvalContext(run, experiment_dir)
+    results = []
+    for name in run.evaluate.methods:
+        result = run_method(name, ctx)
+        m = result.metrics()
+        print(
+            f"[evaluate] {result.label}: accuracy {m['accuracy']:.3f}, cloud rate {m['cloud_rate']:.3f}, "
+            f"help rate {m['help_rate']:.3f}  ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+        results.append(result)
+    context = {
+        "name": run.name,
+        "task": run.task.name,
+        "device": ctx.device_config.name,
+        "cloud": run.cloud.name,
+        "num_prompts": len(ctx.prompt_ids),
+        "ratio": run.budget.ratio,
+        "share": run.budget.share,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "config": dataclasses.asdict(run),
+    }
+    return write_report(experiment_dir / "report", results, ctx.cloud_correct(ctx.prompt_ids), context)
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run = to_objects(cfg)
+    experiment_dir = Path(run.run_dir) if run.run_dir else Path("outputs") / run.name
+    report = evaluate(run, experiment_dir)
+    print(report.read_text())
+    print(f"[evaluate] report written to {report}")
+
+
+if __name__ == "__main__":
+    main()
