@@ -11,6 +11,7 @@ from typing import Any
 
 from collab_env.cloud.base import CloudAnswer, CloudOracle, CloudStats
 from collab_env.cloud.cache import AnswerCache, CachedOracle
+from collab_env.cloud.settings import OpenAICloudConfig, TransformersCloudConfig, VLLMCloudConfig
 from collab_env.config import CloudConfig, SimulatedCloudConfig, coerce
 from collab_env.paths import cache_dir
 from collab_env.tasks import Task
@@ -28,6 +29,11 @@ def register_oracle(name: str, config_class: type[CloudConfig], oracle_path: str
         raise ValueError(f"cloud oracle {name!r} is already registered as {_ORACLES[name]}")
     CLOUD_CONFIGS[name] = config_class
     _ORACLES[name] = oracle_path
+
+
+register_oracle("openai", OpenAICloudConfig, "collab_env.cloud.openai_compat:OpenAIOracle")
+register_oracle("transformers", TransformersCloudConfig, "collab_env.cloud.hf_local:TransformersOracle")
+register_oracle("vllm", VLLMCloudConfig, "collab_env.cloud.vllm_engine:VLLMOracle")
 
 
 def cloud_config(value: Any) -> CloudConfig:
