@@ -22,12 +22,12 @@ DTYPES = ("auto", "float32", "bfloat16")
 SPLITS = ("train", "test")
 
 
-def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
+def check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise unknown_name("value", value, choices, field=field_name)
 
 
-def _check_range(field_name: str, value: float, low: float, high: float, why: str = "") -> None:
+def check_range(field_name: str, value: float, low: float, high: float, why: str = "") -> None:
     if not low <= value <= high:
         raise ConfigError(
             f"{field_name}={value} is out of range [{low}, {high}].{(' ' + why) if why else ''}"
@@ -66,12 +66,12 @@ class TaskConfig:
     """Countdown: an expression must use every number exactly once (TinyZero's rule); False allows a subset."""
 
     def __post_init__(self) -> None:
-        _check_choice("task.template", self.template, TEMPLATES)
+        check_choice("task.template", self.template, TEMPLATES)
         if self.num_train < 1 or self.num_test < 1:
             raise ConfigError(
                 f"task.num_train={self.num_train} and task.num_test={self.num_test} must both be at least 1."
             )
-        _check_range("task.test_fraction", self.test_fraction, 0.0, 1.0)
+        check_range("task.test_fraction", self.test_fraction, 0.0, 1.0)
         if self.max_steps < 1:
             raise ConfigError(f"task.max_steps={self.max_steps} must be at least 1.")
 
@@ -98,8 +98,8 @@ class DeviceConfig:
     """Build recipe of locally trained models (tiny-arith); checked by agents.warmup."""
 
     def __post_init__(self) -> None:
-        _check_choice("device.name", self.name, ("smollm2", "tiny-arith", "tiny-random", "path"))
-        _check_choice("device.dtype", self.dtype, DTYPES)
+        check_choice("device.name", self.name, ("smollm2", "tiny-arith", "tiny-random", "path"))
+        check_choice("device.dtype", self.dtype, DTYPES)
         if self.name == "path" and not self.path:
             raise ConfigError("device.name=path needs device.path, the local model directory.")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
@@ -136,7 +136,7 @@ class SimulatedCloudConfig(CloudConfig):
     """Simulated completion length per answer, for cost statistics."""
 
     def __post_init__(self) -> None:
-        _check_range("cloud.accuracy", self.accuracy, 0.0, 1.0)
+        check_range("cloud.accuracy", self.accuracy, 0.0, 1.0)
         if self.latency_s < 0 or self.completion_tokens < 0:
             raise ConfigError("cloud.latency_s and cloud.completion_tokens must not be negative.")
 
@@ -160,8 +160,8 @@ class BudgetConfig:
     """penalty mode: the Lagrange multiplier gamma subtracted per cloud call."""
 
     def __post_init__(self) -> None:
-        _check_choice("budget.mode", self.mode, BUDGET_MODES)
-        _check_range(
+        check_choice("budget.mode", self.mode, BUDGET_MODES)
+        check_range(
             "budget.ratio",
             self.ratio,
             0.0,
@@ -193,7 +193,7 @@ class RewardConfig:
     """v1 only: reward of a local answer in the required format (think and answer tags)."""
 
     def __post_init__(self) -> None:
-        _check_choice("reward.version", self.version, REWARD_VERSIONS)
+        check_choice("reward.version", self.version, REWARD_VERSIONS)
         if not self.alpha_a > self.alpha_c >= 0:
             raise ConfigError(
                 f"reward needs alpha_a > alpha_c >= 0 (got alpha_a={self.alpha_a}, alpha_c={self.alpha_c}): "
@@ -225,8 +225,8 @@ class EnvConfig:
             raise ConfigError(f"env.max_new_tokens={self.max_new_tokens} must be at least 2.")
         if self.max_prompt_tokens < 8:
             raise ConfigError(f"env.max_prompt_tokens={self.max_prompt_tokens} must be at least 8.")
-        _check_choice("env.marker_match", self.marker_match, MARKER_MATCHES)
-        _check_choice("env.split", self.split, SPLITS)
+        check_choice("env.marker_match", self.marker_match, MARKER_MATCHES)
+        check_choice("env.split", self.split, SPLITS)
         self.reward = coerce(RewardConfig, self.reward, "env.reward")
 
 

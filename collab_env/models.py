@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -70,6 +71,7 @@ def smollm2_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct model directory (safetensors), built on first use."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        _drop_quantization_entry(target / "config.json")  # directories converted by earlier versions
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,12 +86,22 @@ def smollm2_model_dir() -> Path:
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    _drop_quantization_entry(tmp / "config.json")
     _publish(tmp, target)
     _note("conversion done")
     return target
 
 
-def _check_model_dir(path: str | Path, what: str = "device.path") -> Path:
+def _drop_quantization_entry(config_path: Path) -> None:
+    """The weights are dequantized: a leftover GGUF quantization entry misleads other loaders (vLLM)."""
+    config = json.loads(config_path.read_text())
+    if "quantization_config" in config:
+        del config["quantization_config"]
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def check_model_dir(path: str | Path, what: str = "device.path") -> Path:
+    """`path` as a Path if it looks like a Hugging Face model directory, else a ModelNotFoundError naming `what`."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelNotFoundError(
@@ -105,12 +117,13 @@ def _check_model_dir(path: str | Path, what: str = "device.path") -> Path:
 
 def tokenizer_dir(config: DeviceConfig) -> Path:
     if config.name == "path" or (config.name == "tiny-arith" and config.path):
-        return _check_model_dir(config.path or "")
+        return check_model_dir(config.path or "")
     return smollm2_tokenizer_dir()
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer(directory: str) -> Any:
+def tokenizer_from_dir(directory: str) -> Any:
+    """The tokenizer of a model directory (cached per directory; treat it as read-only)."""
     try:
         if (Path(directory) / "tokenizer.json").is_file():
             # The fast tokenizer class alone imports in ~1.5 s; AutoTokenizer pulls in every model (~8 s).
@@ -131,7 +144,7 @@ def _load_tokenizer(directory: str) -> Any:
 def load_tokenizer(config: DeviceConfig | str | dict | None = None) -> Any:
     """The device's tokenizer (shared between environments; treat it as read-only)."""
     config = coerce(DeviceConfig, config, "device")
-    return _load_tokenizer(str(tokenizer_dir(config)))
+    return tokenizer_from_dir(str(tokenizer_dir(config)))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -192,7 +205,7 @@ def load_model(config: DeviceConfig | str | dict | None = None, device: str = "c
             "device=tiny-arith is built by agents.warmup: run `python -m agents.warmup device=tiny-arith` "
             "or let agents.train build it, or set device.path to a built directory."
         )
-    directory = smollm2_model_dir() if config.name == "smollm2" else _check_model_dir(config.path or "")
+    directory = smollm2_model_dir() if config.name == "smollm2" else check_model_dir(config.path or "")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:

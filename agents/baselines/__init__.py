@@ -44,9 +44,11 @@ class MethodResult:
     """Accuracy-vs-cloud-rate points without the cap (router threshold sweeps, budget sweeps)."""
     training_metrics: Path | None = None
     """metrics.csv of the training run behind this method, if any."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Method-specific diagnostics (e.g. the router's classification accuracy)."""
 
     def metrics(self) -> dict[str, float]:
-        return summarize(self.infos)
+        return {**summarize(self.infos), **self.extra}
 
 
 class EvalContext:
@@ -144,6 +146,6 @@ def run_method(name: str, ctx: EvalContext) -> MethodResult:
     return METHODS[name](ctx)
 
 
-from agents.baselines import reference, trained  # noqa: E402,F401  (register the methods)
+from agents.baselines import reference, routers, trained  # noqa: E402,F401  (register the methods)
 
 __all__ = ["METHODS", "EvalContext", "MethodResult", "method", "run_method"]

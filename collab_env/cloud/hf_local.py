@@ -16,7 +16,7 @@ import torch
 from collab_env.cloud.base import AnswerCallback, CloudAnswer, CloudOracle
 from collab_env.cloud.settings import TransformersCloudConfig
 from collab_env.errors import CloudError
-from collab_env.models import _check_model_dir, _load_tokenizer, resolve_dtype
+from collab_env.models import check_model_dir, resolve_dtype, tokenizer_from_dir
 from collab_env.tasks import Problem, Task
 
 
@@ -44,13 +44,13 @@ class TransformersOracle(CloudOracle):
         super().__init__(config, task)
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        self.path = _check_model_dir(config.path, "cloud.path").resolve()
+        self.path = check_model_dir(config.path, "cloud.path").resolve()
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = resolve_dtype(config.dtype, device)
-        self.tokenizer = _load_tokenizer(str(self.path))
+        self.tokenizer = tokenizer_from_dir(str(self.path))
         self.model = (
             AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype).to(self.device).eval()
         )

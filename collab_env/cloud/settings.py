@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from collab_env.config import DTYPES, CloudConfig, _check_choice, _check_range
+from collab_env.config import DTYPES, CloudConfig, check_choice, check_range
 from collab_env.errors import ConfigError
 
 ON_ERROR = ("raise", "score_wrong")
@@ -90,8 +90,8 @@ class OpenAICloudConfig(CloudConfig):
                 f"cloud.backoff_max_s={self.backoff_max_s} must be at least cloud.backoff_base_s="
                 f"{self.backoff_base_s}."
             )
-        _check_range("cloud.temperature", self.temperature, 0.0, 2.0)
-        _check_choice("cloud.on_error", self.on_error, ON_ERROR)
+        check_range("cloud.temperature", self.temperature, 0.0, 2.0)
+        check_choice("cloud.on_error", self.on_error, ON_ERROR)
 
 
 @dataclass
@@ -121,11 +121,11 @@ class TransformersCloudConfig(CloudConfig):
         _check_model_path("cloud.path", self.path)
         _check_positive("cloud.max_new_tokens", self.max_new_tokens)
         _check_positive("cloud.batch_size", self.batch_size)
-        _check_range("cloud.temperature", self.temperature, 0.0, 10.0)
-        _check_choice("cloud.dtype", self.dtype, DTYPES)
+        check_range("cloud.temperature", self.temperature, 0.0, 10.0)
+        check_choice("cloud.dtype", self.dtype, DTYPES)
         if not _DEVICE.match(self.device):
             raise ConfigError(f"cloud.device={self.device!r}; choose auto, cpu, cuda or cuda:N.")
-        _check_choice("cloud.on_error", self.on_error, ON_ERROR)
+        check_choice("cloud.on_error", self.on_error, ON_ERROR)
 
 
 @dataclass
@@ -155,11 +155,11 @@ class VLLMCloudConfig(CloudConfig):
     def __post_init__(self) -> None:
         _check_model_path("cloud.path", self.path)
         _check_positive("cloud.max_new_tokens", self.max_new_tokens)
-        _check_range("cloud.temperature", self.temperature, 0.0, 10.0)
+        check_range("cloud.temperature", self.temperature, 0.0, 10.0)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"cloud.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]; "
                 "0.3 works on CPU and on a shared GPU."
             )
-        _check_choice("cloud.dtype", self.dtype, DTYPES)
-        _check_choice("cloud.on_error", self.on_error, ON_ERROR)
+        check_choice("cloud.dtype", self.dtype, DTYPES)
+        check_choice("cloud.on_error", self.on_error, ON_ERROR)

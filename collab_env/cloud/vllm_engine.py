@@ -23,7 +23,7 @@ from typing import IO, Any
 from collab_env.cloud.base import AnswerCallback, CloudAnswer, CloudOracle
 from collab_env.cloud.settings import VLLMCloudConfig
 from collab_env.errors import CloudError, DependencyNotInstalled
-from collab_env.models import _check_model_dir, resolve_dtype
+from collab_env.models import check_model_dir, resolve_dtype
 from collab_env.tasks import Problem, Task
 
 INSTALL_HINT = (
@@ -69,7 +69,7 @@ class VLLMOracle(CloudOracle):
 
         from collab_env.cloud.hf_local import model_fingerprint
 
-        self.path = _check_model_dir(config.path, "cloud.path").resolve()
+        self.path = check_model_dir(config.path, "cloud.path").resolve()
         self.dtype = _dtype_name(config.dtype, "cuda" if torch.cuda.is_available() else "cpu")
         self._fingerprint = model_fingerprint(self.path)
         self.engine = vllm.LLM(
@@ -173,7 +173,7 @@ class VLLMServer:
         self.python = Path(python)
         if not self.python.is_file():
             raise DependencyNotInstalled(f"{self.python} does not exist. {INSTALL_HINT}")
-        self.model_dir = _check_model_dir(model_dir, "model_dir").resolve()
+        self.model_dir = check_model_dir(model_dir, "model_dir").resolve()
         self.model = model
         self.port = port or free_port()
         self.log_path = Path(log_path or Path(tempfile.gettempdir()) / f"vllm-server-{self.port}.log")

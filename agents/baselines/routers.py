@@ -1,0 +1,120 @@
+"""Two-stage baselines on the task-tuned device: random offload, a prompt router, an oracle router.
+
+All three route before the device answers, using the task-tuned model's greedy local answers
+(plain template, no help option) and the cloud's answers; the test-time cap then admits at most
+floor(rho/(1+rho) * N) calls in prompt order.
+
+The paper's router is DeBERTa-v3-large fine-tuned on the prompts (Hybrid LLM); no model hub is
+reachable here, so ours is a logistic-regression classifier on frozen all-MiniLM-L6-v2 sentence
+embeddings of the question (shipped on the package index), trained on which training prompts the
+task-tuned model answers correctly, with its threshold calibrated on those training prompts so
+that a rho/(1+rho) share of them would go to the cloud (paper-spec section 6, open question 8).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.baselines import EvalContext, MethodResult, method
+from agents.baselines.trained import trained_policy
+from agents.tradeoff import route, threshold_curve
+from collab_env.config import BudgetConfig
+
+CURVE_RATES = tuple(i / 20 for i in range(1, 20))
+
+
+def tuned_local(ctx: EvalContext, split: str, prompt_ids: list[int]) -> list[dict[str, Any]]:
+    """Greedy local answers of the task-tuned device (no help option, no cloud) for `prompt_ids`."""
+
+    def compute() -> list[dict[str, Any]]:
+        policy, _ = trained_policy(ctx, "grpo", "plain")
+        env = ctx.env(template="plain", budget=BudgetConfig(mode="cap", ratio=0.0), split=split)
+        return ctx.greedy(policy, env, prompt_ids)
+
+    return ctx.memo(f"tuned-local:{split}:{len(prompt_ids)}", compute)
+
+
+def _held_out(ctx: EvalContext) -> tuple[list[dict[str, Any]], list[bool]]:
+    return tuned_local(ctx, ctx.run.evaluate.split, ctx.prompt_ids), ctx.cloud_correct(ctx.prompt_ids)
+
+
+@method("random_offload")
+def random_offload(ctx: EvalContext) -> MethodResult:
+    """A random rho/(1+rho) share of the questions goes to the cloud (task-tuning & naive offloading)."""
+    local, cloud = _held_out(ctx)
+    order = np.random.default_rng(ctx.run.evaluate.seed).permutation(len(local))
+    chosen = set(order[: ctx.share_cap].tolist())
+    infos = route(local, cloud, [i in chosen for i in range(len(local))], ctx.share_cap)
+    scores = np.empty(len(local))
+    scores[order] = np.arange(len(local), 0, -1)
+    curve = threshold_curve(local, cloud, scores.tolist(), CURVE_RATES)
+    return MethodResult("random_offload", "Task-tuning + random offload", infos, curve)
+
+
+@method("oracle_router")
+def oracle_router(ctx: EvalContext) -> MethodResult:
+    """Offloads exactly the questions the task-tuned device gets wrong, up to the budget (an upper bound)."""
+    local, cloud = _held_out(ctx)
+    wrong = [not i["local_correct"] for i in local]
+    infos = route(local, cloud, wrong, ctx.share_cap)
+    curve = threshold_curve(local, cloud, [float(w) for w in wrong], CURVE_RATES)
+    return MethodResult("oracle_router", "Task-tuning + oracle router", infos, curve)
+
+
+def fit_logistic(
+    features: np.ndarray, labels: np.ndarray, weight_decay: float = 1e-3, steps: int = 300
+) -> torch.nn.Linear:
+    """A logistic-regression classifier (full-batch L-BFGS, L2 penalty) predicting `labels` (1 = device fails)."""
+    torch.manual_seed(0)
+    x = torch.as_tensor(features, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.float32)
+    model = torch.nn.Linear(x.shape[1], 1)
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
+        loss = loss + weight_decay * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def calibrated_threshold(scores: np.ndarray, share: float) -> float:
+    """The score above which a `share` of these prompts lie (the router sends those to the cloud)."""
+    return float(np.quantile(scores, 1.0 - share)) if len(scores) else 0.0
+
+
+@method("prompt_router")
+def prompt_router(ctx: EvalContext) -> MethodResult:
+    """Task-tuning + a learned prompt router (classifier on question embeddings, threshold at the budget)."""
+    from collab_env.routing_env import minilm_features
+
+    task = ctx.env(budget=BudgetConfig(mode="none")).unwrapped.task
+    train_ids = [p.id for p in task.problems("train")[: ctx.run.evaluate.router_prompts]]
+    train_local = tuned_local(ctx, "train", train_ids)
+    labels = np.array([not i["local_correct"] for i in train_local], dtype=np.float32)
+    train_x = minilm_features([task.problem(i).question for i in train_ids])
+    test_x = minilm_features([task.problem(i).question for i in ctx.prompt_ids])
+    model = fit_logistic(train_x, labels)
+    with torch.no_grad():
+        train_scores = torch.sigmoid(model(torch.as_tensor(train_x))).squeeze(-1).numpy()
+        test_scores = torch.sigmoid(model(torch.as_tensor(test_x))).squeeze(-1).numpy()
+    threshold = calibrated_threshold(train_scores, ctx.run.budget.share)
+    local, cloud = _held_out(ctx)
+    to_cloud = (test_scores >= threshold).tolist()
+    infos = route(local, cloud, to_cloud, ctx.share_cap)
+    curve = threshold_curve(local, cloud, test_scores.tolist(), CURVE_RATES)
+    test_labels = np.array([not i["local_correct"] for i in local])
+    extra = {
+        "router/train_accuracy": float(((train_scores >= 0.5) == labels.astype(bool)).mean()),
+        "router/test_accuracy": float(((test_scores >= 0.5) == test_labels).mean()),
+        "router/test_call_rate_before_cap": float(np.mean(to_cloud)),
+        "router/threshold": threshold,
+    }
+    return MethodResult("prompt_router", "Task-tuning + prompt router", infos, curve, extra=extra)
