@@ -35,6 +35,16 @@ def _vocabulary_text(tokenizer: Any) -> tuple[list[str], np.ndarray]:
     return texts, np.array([">" in t for t in texts], dtype=bool)
 
 
+@functools.lru_cache(maxsize=8)
+def _eos_ids(tokenizer: Any) -> frozenset[int]:
+    # get_vocab() copies the whole vocabulary (about 0.25 s for SmolLM2's): once per tokenizer, not per env.
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in _EOS_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
 class MarkerDetector:
     """Per-tokenizer tables for ending a completion; `start()` gives the state of one completion."""
 
@@ -48,10 +58,7 @@ class MarkerDetector:
             tuple(tokenizer.encode(" " + HELP_MARKER, add_special_tokens=False)),
         }
         self.marker_sequences = [list(s) for s in sequences]
-        vocab = tokenizer.get_vocab()
-        self.eos_ids = {vocab[t] for t in _EOS_TOKENS if t in vocab}
-        if tokenizer.eos_token_id is not None:
-            self.eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = set(_eos_ids(tokenizer))
         self.token_text, self.has_close = _vocabulary_text(tokenizer)
 
     def start(self) -> CompletionState:
