@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 import gymnasium as gym
@@ -83,15 +84,17 @@ class _Core:
         return problems[int(rng.integers(len(problems)))]
 
     def check_action(self, action: Any) -> int:
+        value = -1
         try:
-            value = int(action)
-            exact = value == action
-        except (TypeError, ValueError):
-            exact = False
-        if not exact or not 0 <= value <= self.help_action:
+            # int() would also take a one-element array; the action space holds scalars only.
+            if np.ndim(action) == 0 and int(action) == action:
+                value = int(action)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
+            pass
+        if not 0 <= value <= self.help_action:
             raise IllegalActionError(
-                f"action {action!r} is outside the action space Discrete({self.vocab_size + 1}): use a token id "
-                f"in [0, {self.vocab_size - 1}] or {self.help_action} (help_action) to call for help."
+                f"action {reprlib.repr(action)} is outside the action space Discrete({self.vocab_size + 1}): "
+                f"use a token id in [0, {self.vocab_size - 1}] or {self.help_action} (help_action) to call for help."
             )
         return value
 
