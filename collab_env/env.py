@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -148,13 +149,26 @@ class _Episode:
         return f"[prompt {self.problem.id} | {self.problem.level}] {self.problem.question}\n> {completion}{status}"
 
 
-def _check_options(options: dict[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, Any]:
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(allowed))
+def _check_options(options: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """Reset options as a dict, or ConfigError naming the bad key or value (prompt ids are checked by the task)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(
+            f"reset options must be a dict with keys among {', '.join(allowed)}; got {type(options).__name__}."
+        )
+    options = dict(options)
+    unknown = sorted((k for k in options if k not in allowed), key=repr)
     if unknown:
-        raise ConfigError(f"unknown reset option(s) {unknown}; allowed: {', '.join(allowed)}.")
-    if "split" in options and options["split"] not in ("train", "test"):
-        raise ConfigError(f"reset option split={options['split']!r}; use 'train' or 'test'.")
+        raise ConfigError(f"unknown reset option(s) {reprlib.repr(unknown)}; allowed: {', '.join(allowed)}.")
+    split = options.get("split", "train")
+    if not isinstance(split, str) or split not in ("train", "test"):
+        raise ConfigError(f"reset option split={reprlib.repr(split)}; use 'train' or 'test'.")
+    # A truthy string such as "no" must not silently start a new budget window.
+    if not isinstance(options.get("reset_budget", False), bool | np.bool_):
+        raise ConfigError(
+            f"reset option reset_budget={reprlib.repr(options['reset_budget'])}; use True or False."
+        )
     return options
 
 

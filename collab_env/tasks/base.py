@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 import random
 import re
+import reprlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -91,12 +93,20 @@ class Task(ABC):
         return self._by_split[split]
 
     def problem(self, prompt_id: int) -> Problem:
-        if not 0 <= int(prompt_id) < len(self._problems):
+        """The problem with this id; anything but an integer id of this task is a ConfigError.
+
+        Floats, strings and booleans are refused rather than converted: int(2.7) or int(True) would
+        silently pick another prompt than the caller meant."""
+        try:
+            index = -1 if isinstance(prompt_id, bool) else operator.index(prompt_id)
+        except TypeError:
+            index = -1
+        if not 0 <= index < len(self._problems):
             raise ConfigError(
-                f"prompt_id={prompt_id} does not exist: task {self.name!r} has ids 0..{len(self._problems) - 1} "
-                f"(train 0..{len(self._by_split['train']) - 1}, then test)."
+                f"prompt_id={reprlib.repr(prompt_id)} does not exist: task {self.name!r} has integer ids "
+                f"0..{len(self._problems) - 1} (train 0..{len(self._by_split['train']) - 1}, then test)."
             )
-        return self._problems[int(prompt_id)]
+        return self._problems[index]
 
     def __len__(self) -> int:
         return len(self._problems)
