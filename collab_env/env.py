@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import reprlib
 from collections.abc import Mapping
 from typing import Any
@@ -172,6 +173,15 @@ def _check_options(options: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+def _check_seed(seed: Any) -> int | None:
+    """A seed as an int (numpy integers included), or ConfigError; gymnasium refuses all but Python ints."""
+    if seed is None:
+        return None
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
+        return int(seed)
+    raise ConfigError(f"seed={reprlib.repr(seed)} must be a non-negative integer or None.")
+
+
 class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
     """A small on-device LLM answers a question token by token, or calls a large cloud LLM for help.
 
@@ -317,13 +327,15 @@ class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        super().reset(seed=seed)
+        # Everything a caller can get wrong is checked before anything changes, so a reset that raises
+        # ConfigError leaves the RNG, the budget window and the episode as they were.
         options = _check_options(options, RESET_OPTIONS)
+        seed = _check_seed(seed)
+        problem = self._core.task.problem(options["prompt_id"]) if "prompt_id" in options else None
+        super().reset(seed=seed)
         if seed is not None or options.get("reset_budget"):
             self.budget.reset_window()
-        if "prompt_id" in options:
-            problem = self._core.task.problem(options["prompt_id"])
-        else:
+        if problem is None:
             problem = self._core.pick(self.np_random, options.get("split", self._core.config.split))
         info = self._episode.begin(problem, self._ids, self._mask)
         return self._obs(), info
@@ -444,25 +456,34 @@ class DeviceCloudVectorEnv(VectorEnv):
     def reset(
         self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        # Everything a caller can get wrong is checked before anything changes (see DeviceCloudEnv.reset).
         options = _check_options(options, VECTOR_RESET_OPTIONS)
+        rngs = self._rngs
         if seed is not None:
-            seeds = seed if isinstance(seed, list | tuple) else [seed + i for i in range(self.num_envs)]
+            if isinstance(seed, list | tuple):
+                seeds = [_check_seed(s) for s in seed]
+            else:
+                first = _check_seed(seed)
+                seeds = [first + i for i in range(self.num_envs)]
             if len(seeds) != self.num_envs:
                 raise ConfigError(f"reset got {len(seeds)} seeds for {self.num_envs} sub-envs.")
-            self._rngs = [seeding.np_random(s)[0] for s in seeds]
+            rngs = [seeding.np_random(s)[0] for s in seeds]
+        problems: list[Problem | None] = [None] * self.num_envs
         prompt_ids = options.get("prompt_ids")
-        if prompt_ids is not None and len(prompt_ids) != self.num_envs:
-            raise ConfigError(
-                f"reset option prompt_ids has {len(prompt_ids)} ids for {self.num_envs} sub-envs."
-            )
+        if prompt_ids is not None:
+            if not isinstance(prompt_ids, list | tuple | np.ndarray) or len(prompt_ids) != self.num_envs:
+                raise ConfigError(
+                    f"reset option prompt_ids={reprlib.repr(prompt_ids)} must list one id for each of the "
+                    f"{self.num_envs} sub-envs."
+                )
+            problems = [self._core.task.problem(pid) for pid in prompt_ids]
+        self._rngs = rngs
         infos: dict[str, Any] = {}
         split = self._split = options.get("split", self._core.config.split)
-        for i, episode in enumerate(self._episodes):
+        for i, (episode, problem) in enumerate(zip(self._episodes, problems, strict=True)):
             if seed is not None or options.get("reset_budget"):
                 self.budgets[i].reset_window()
-            if prompt_ids is not None:
-                problem = self._core.task.problem(prompt_ids[i])
-            else:
+            if problem is None:
                 problem = self._core.pick(self._rngs[i], split)
             infos = self._add_info(infos, episode.begin(problem, self._ids[i], self._mask[i]), i)
         self._needs_reset[:] = False
@@ -471,9 +492,20 @@ class DeviceCloudVectorEnv(VectorEnv):
     def step(
         self, actions: Any
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        actions = np.asarray(actions)
+        try:
+            actions = np.asarray(actions)
+        except (TypeError, ValueError) as err:  # e.g. a ragged list
+            raise IllegalActionError(f"actions must be an array of shape ({self.num_envs},): {err}") from None
         if actions.shape != (self.num_envs,):
             raise IllegalActionError(f"actions must have shape ({self.num_envs},), got {actions.shape}.")
+        if any(e.done and not pending for e, pending in zip(self._episodes, self._needs_reset, strict=True)):
+            raise IllegalActionError("call reset() before stepping the vector env.")
+        # Every action is checked before any sub-env moves: an illegal one in sub-env k must not leave
+        # sub-envs before k stepped (their finished episodes would then never be autoreset).
+        tokens = [
+            None if pending else self._core.check_action(action)
+            for action, pending in zip(actions, self._needs_reset, strict=True)
+        ]
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
@@ -484,8 +516,9 @@ class DeviceCloudVectorEnv(VectorEnv):
                 infos = self._add_info(infos, episode.begin(problem, self._ids[i], self._mask[i]), i)
                 self._needs_reset[i] = False
                 continue
-            token = self._core.check_action(actions[i])
-            rewards[i], terminated[i], truncated[i], info = episode.step(token, self._ids[i], self._mask[i])
+            rewards[i], terminated[i], truncated[i], info = episode.step(
+                tokens[i], self._ids[i], self._mask[i]
+            )
             if info:
                 infos = self._add_info(infos, info, i)
         self._needs_reset = terminated | truncated
