@@ -13,6 +13,7 @@ from collab_env.cloud.base import CloudAnswer, CloudOracle, CloudStats
 from collab_env.cloud.cache import AnswerCache, CachedOracle
 from collab_env.cloud.settings import OpenAICloudConfig, TransformersCloudConfig, VLLMCloudConfig
 from collab_env.config import CloudConfig, SimulatedCloudConfig, coerce
+from collab_env.errors import ConfigError, unknown_name
 from collab_env.paths import cache_dir
 from collab_env.tasks import Task
 
@@ -37,8 +38,20 @@ register_oracle("vllm", VLLMCloudConfig, "collab_env.cloud.vllm_engine:VLLMOracl
 
 
 def cloud_config(value: Any) -> CloudConfig:
-    """A cloud config from a name, dict, OmegaConf node or config instance."""
-    return coerce(CloudConfig, value, "cloud", registry=CLOUD_CONFIGS)
+    """A cloud config from a name, dict, OmegaConf node or config instance.
+
+    An instance's `name` must be the oracle its class was registered for: Hydra builds the class from
+    the `cloud` group option, so an override such as `cloud.name=nope` reaches here as a
+    SimulatedCloudConfig named "nope"."""
+    config = coerce(CloudConfig, value, "cloud", registry=CLOUD_CONFIGS)
+    if config.name not in CLOUD_CONFIGS:
+        raise unknown_name("cloud", config.name, CLOUD_CONFIGS, field="cloud.name")
+    if CLOUD_CONFIGS[config.name] is not type(config):
+        raise ConfigError(
+            f"cloud.name={config.name!r} does not match the settings of the chosen oracle "
+            f"({type(config).__name__}); pick the oracle with the cloud group instead (cloud={config.name})."
+        )
+    return config
 
 
 def make_oracle(config: Any, task: Task) -> CachedOracle:
