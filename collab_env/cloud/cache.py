@@ -6,6 +6,7 @@ every answer it already paid for, and a rerun does not ask again. Failed answers
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,18 @@ CREATE TABLE IF NOT EXISTS answers (
     completion_tokens INTEGER NOT NULL
 )
 """
+
+
+def storable(answer: CloudAnswer) -> CloudAnswer:
+    """`answer` with lone surrogates replaced by "?".
+
+    A server's JSON may escape one ("\\ud800"); SQLite stores UTF-8, which cannot hold it, so the
+    cache write would fail. Cached and fresh answers go through here alike, so a rerun that reads
+    the cache scores exactly what the first run scored."""
+    if answer.text is None:
+        return answer
+    text = answer.text.encode("utf-8", "replace").decode("utf-8")
+    return answer if text == answer.text else dataclasses.replace(answer, text=text)
 
 
 class AnswerCache:
@@ -101,11 +114,12 @@ class CachedOracle:
             name = self.oracle.config.name
 
             def keep(index: int, answer: CloudAnswer) -> None:
+                answer = storable(answer)
                 self.cache.put(missing_keys[index], name, answer)
                 if answer.text is not None:
                     self._memo[missing_keys[index]] = answer
 
-            fresh = self.oracle._answer([problems[i] for i in missing.values()], keep)
+            fresh = [storable(a) for a in self.oracle._answer([problems[i] for i in missing.values()], keep)]
             by_key = dict(zip(missing_keys, fresh, strict=True))
             answers = [a if a is not None else by_key[k] for a, k in zip(answers, keys, strict=True)]
         return answers  # type: ignore[return-value]
