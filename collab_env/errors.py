@@ -18,6 +18,10 @@ class DatasetError(DeviceCloudError, ValueError):
     """A dataset file or row is malformed, or a split is empty."""
 
 
+class DatasetWarning(UserWarning):
+    """Problems of a dataset were skipped (their count is in `Task.skipped`); the message names the first."""
+
+
 class IllegalActionError(DeviceCloudError, ValueError):
     """An action outside the action space, or a step after the episode ended."""
 

@@ -6,6 +6,7 @@ import operator
 import random
 import re
 import reprlib
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from fractions import Fraction
 from typing import Any
 
 from collab_env.config import TaskConfig
-from collab_env.errors import ConfigError, DatasetError
+from collab_env.errors import ConfigError, DatasetError, DatasetWarning
 from collab_env.tasks.templates import TEMPLATES, Template
 
 
@@ -60,6 +61,10 @@ class Task(ABC):
 
     Subclasses implement `_generate` (both splits) and may override `verify` and `wrong_answer`.
     Prompt ids are unique across splits: train ids come first, then test ids.
+
+    A problem whose ground truth fails the task's own check (`ground_truth_ok`: by default the
+    verifier applied to the ground truth itself) is skipped: every answer to it would be graded
+    wrong without a word. `skipped` counts them per split, and a DatasetWarning names the first.
     """
 
     name: str = ""
@@ -67,10 +72,13 @@ class Task(ABC):
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self.template: Template = TEMPLATES[config.template]
-        train, test = self._generate()
+        generated = dict(zip(("train", "test"), self._generate(), strict=True))
+        self.skipped: dict[str, int] = {}
+        train, test = (self._checked(split, rows) for split, rows in generated.items())
         if not train or not test:
+            skipped = f" after skipping {self.skipped}" if self.skipped else ""
             raise DatasetError(
-                f"task {config.name!r} produced {len(train)} training and {len(test)} test problems; "
+                f"task {config.name!r} produced {len(train)} training and {len(test)} test problems{skipped}; "
                 "both splits need at least one (check task.num_train, task.num_test and the data files)."
             )
         self._problems: list[Problem] = []
@@ -86,6 +94,27 @@ class Task(ABC):
     @abstractmethod
     def _generate(self) -> tuple[list[RawProblem], list[RawProblem]]:
         """The training and test problems, deterministic for the config's seed."""
+
+    def ground_truth_ok(self, problem: Problem) -> bool:
+        """Whether `problem.answer` can be graded: here, the verifier accepts it as its own answer."""
+        return self.verify(problem, problem.answer)
+
+    def _checked(self, split: str, rows: list[RawProblem]) -> list[RawProblem]:
+        kept, bad = [], []
+        for row in rows:
+            ok = self.ground_truth_ok(Problem(-1, split, row.question, row.answer, row.level, row.data))
+            (kept if ok else bad).append(row)
+        if bad:
+            self.skipped[split] = len(bad)
+            warnings.warn(
+                DatasetWarning(
+                    f"task {self.config.name!r}: skipped {len(bad)} of {len(rows)} {split} problems whose "
+                    f"ground-truth answer fails the task's verifier (first: {reprlib.repr(bad[0].question)} "
+                    f"with answer {reprlib.repr(bad[0].answer)}); no answer to them could be graded right."
+                ),
+                stacklevel=3,
+            )
+        return kept
 
     def problems(self, split: str) -> list[Problem]:
         if split not in self._by_split:
