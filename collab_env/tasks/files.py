@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import reprlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,15 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             f"dataset file {path} does not exist; set task.path (and task.test_path) to a JSONL file."
         )
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                # A byte-order mark (files saved by some editors) is not part of the first row.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetError(
+                    f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8."
+                ) from err
             if not line.strip():
                 continue
             try:
@@ -73,6 +83,57 @@ def _require(
     return row[key]
 
 
+MAX_MATH_ANSWER_CHARS = 256
+"""Longer answers are graded wrong unparsed: MATH answers are short, and parsing cost grows with the text."""
+MAX_MATH_NESTING = 12
+"""Deeper bracket nesting is graded wrong unparsed (MATH answers nest a few levels at most)."""
+
+_UNSAFE_MATH = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # control characters: no answer has them, logs should not get them
+    r"|\^\s*\{[^{}]*\^\s*\{"  # a braced power inside a braced exponent (9^{9^{9}}): sympy would evaluate it
+    r"|\^\s*\{?\s*\d{5,}"  # an exponent of five or more digits (10^{10000000000})
+)
+
+
+def plausible_math(answer: str | None) -> bool:
+    """Whether an answer may go to math-verify at all.
+
+    Answers come from the device and from the cloud, and neither is trusted: an exponent tower makes
+    sympy compute for as long as the parser's timeout allows (5 s, and forever outside the main
+    thread, where that timeout cannot work), and math-verify logs unparsable text verbatim."""
+    if not answer or len(answer) > MAX_MATH_ANSWER_CHARS or _UNSAFE_MATH.search(answer):
+        return False
+    depth = deepest = 0
+    for char in answer:  # deeply nested brackets made the parser run into its timeout
+        depth += (char in "([{") - (char in ")]}")
+        deepest = max(deepest, depth)
+    return deepest <= MAX_MATH_NESTING
+
+
+def _timeout() -> int | None:
+    # math-verify times out with SIGALRM, which only the main thread may use; elsewhere it raises.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+_PARSED: dict[str, tuple[Any, ...]] = {}
+_PARSED_MAX = 65536
+
+
+def _parse_math(answer: str) -> tuple[Any, ...]:
+    """math-verify's parse of `$answer$`, kept when it succeeds (ground truths are parsed once per process).
+
+    A failed parse is not kept: the first parse imports the LaTeX grammar under the same timeout, and
+    a loaded machine could otherwise turn one slow start into a ground truth that never parses."""
+    if answer in _PARSED:
+        return _PARSED[answer]
+    from math_verify import parse
+
+    parsed = tuple(parse(f"${answer}$", parsing_timeout=_timeout()))
+    if parsed and len(_PARSED) < _PARSED_MAX:
+        _PARSED[answer] = parsed
+    return parsed
+
+
 class MathJsonlTask(JsonlTask):
     """MATH-style rows: {"problem": str, "solution": str with \\boxed{answer}, optional "level"}."""
 
@@ -87,18 +148,32 @@ class MathJsonlTask(JsonlTask):
             raise DatasetError(
                 f"{path}:{lineno}: the solution has no \\boxed{{}} answer; each row needs {self._expected}."
             )
-        return RawProblem(problem, answer, str(row.get("level", "")), {})
+        return RawProblem(problem, answer, str(row.get("level", "")), {"source": f"{path}:{lineno}"})
+
+    def ground_truth_ok(self, problem: Problem) -> bool:
+        # Parsing every ground truth at load takes seconds per thousand rows; `verify` parses lazily.
+        return plausible_math(problem.answer)
 
     def verify(self, problem: Problem, answer: str | None) -> bool:
-        if not answer:
+        """math-verify's equivalence; an answer it should not be shown (see `plausible_math`) is wrong.
+
+        A ground truth math-verify cannot parse raises DatasetError naming its row: grading every
+        answer to it wrong would go unnoticed."""
+        if not plausible_math(answer):
             return False
         try:
-            from math_verify import parse, verify
+            from math_verify import verify
         except ImportError as err:  # pragma: no cover - a dependency of the package
             raise DependencyNotInstalled("math-verify is missing: pip install math-verify") from err
-        gold = parse(f"${problem.answer}$")
-        given = parse(f"${answer}$")
-        return bool(gold) and bool(given) and bool(verify(gold, given))
+        gold = _parse_math(problem.answer)
+        if not gold:
+            where = problem.data.get("source", f"prompt {problem.id}")
+            raise DatasetError(
+                f"{where}: math-verify cannot parse the ground-truth answer {reprlib.repr(problem.answer)}, "
+                "so no answer to it could be graded right; fix or remove that row."
+            )
+        given = _parse_math(answer)
+        return bool(given) and bool(verify(list(gold), list(given), timeout_seconds=_timeout()))
 
     def wrong_answer(self, problem: Problem, rng: random.Random) -> str:
         wrong = super().wrong_answer(problem, rng)
