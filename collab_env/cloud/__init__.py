@@ -54,11 +54,23 @@ def cloud_config(value: Any) -> CloudConfig:
     return config
 
 
+def _oracle_class(name: str) -> type[CloudOracle]:
+    module_name, class_name = _ORACLES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_cloud(config: Any) -> CloudConfig:
+    """The cloud config, after the checks its oracle makes first (API key variable, model directory),
+    made without building the oracle: no HTTP client, no model weights, no engine."""
+    config = cloud_config(config)
+    _oracle_class(config.name).check_config(config)
+    return config
+
+
 def make_oracle(config: Any, task: Task) -> CachedOracle:
     """The oracle named by `config.name`, wrapped in the answer cache at `config.cache_path`."""
     config = cloud_config(config)
-    module_name, class_name = _ORACLES[config.name].split(":")
-    oracle_class = getattr(importlib.import_module(module_name), class_name)
+    oracle_class = _oracle_class(config.name)
     path = config.cache_path or str(cache_dir() / "cloud-answers.sqlite")
     return CachedOracle(oracle_class(config, task), AnswerCache(path))
 
@@ -70,6 +82,7 @@ __all__ = [
     "CloudAnswer",
     "CloudOracle",
     "CloudStats",
+    "check_cloud",
     "cloud_config",
     "make_oracle",
     "register_oracle",

@@ -58,6 +58,12 @@ class CloudOracle(ABC):
         self.task = task
         self.stats = CloudStats()
 
+    @classmethod
+    def check_config(cls, config: CloudConfig) -> None:
+        """Raise what the constructor would refuse, without building anything (no client, model or engine).
+
+        Start-up checks call it before any weights are loaded; the default has nothing to check."""
+
     @property
     def identity(self) -> dict[str, Any]:
         """What makes two answers to the same request interchangeable (model, sampling settings).

@@ -15,6 +15,7 @@ import torch
 
 from collab_env.cloud.base import AnswerCallback, CloudAnswer, CloudOracle
 from collab_env.cloud.settings import TransformersCloudConfig
+from collab_env.config import CloudConfig
 from collab_env.errors import CloudError
 from collab_env.models import check_model_dir, resolve_dtype, tokenizer_from_dir
 from collab_env.tasks import Problem, Task
@@ -39,6 +40,10 @@ class TransformersOracle(CloudOracle):
     """`generate` on a local model, `batch_size` prompts at a time, greedy unless temperature > 0."""
 
     config: TransformersCloudConfig
+
+    @classmethod
+    def check_config(cls, config: CloudConfig) -> None:
+        check_model_dir(config.path, "cloud.path")  # type: ignore[attr-defined]
 
     def __init__(self, config: TransformersCloudConfig, task: Task) -> None:
         super().__init__(config, task)

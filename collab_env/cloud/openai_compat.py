@@ -24,6 +24,7 @@ import httpx
 
 from collab_env.cloud.base import AnswerCallback, CloudAnswer, CloudOracle
 from collab_env.cloud.settings import OpenAICloudConfig
+from collab_env.config import CloudConfig
 from collab_env.errors import CloudError, ConfigError
 from collab_env.tasks import Problem, Task
 
@@ -73,6 +74,20 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+def _api_key(config: OpenAICloudConfig) -> str | None:
+    """The key in the variable named by cloud.api_key_env (None without one); ConfigError if it is unset."""
+    if config.api_key_env is None:
+        return None
+    key = os.environ.get(config.api_key_env)
+    if not key:
+        raise ConfigError(
+            f"cloud.api_key_env={config.api_key_env}: the environment variable {config.api_key_env} "
+            "is not set or empty. Export the API key in it, or set cloud.api_key_env=null for a "
+            "server without authentication."
+        )
+    return key
+
+
 class OpenAIOracle(CloudOracle):
     """Chat completions from `{base_url}/chat/completions`, one request per problem."""
 
@@ -81,17 +96,9 @@ class OpenAIOracle(CloudOracle):
     def __init__(self, config: OpenAICloudConfig, task: Task) -> None:
         super().__init__(config, task)
         headers = {"Content-Type": "application/json"}
-        self._secret: str | None = None
-        if config.api_key_env is not None:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise ConfigError(
-                    f"cloud.api_key_env={config.api_key_env}: the environment variable {config.api_key_env} "
-                    "is not set or empty. Export the API key in it, or set cloud.api_key_env=null for a "
-                    "server without authentication."
-                )
-            self._secret = key
-            headers["Authorization"] = f"Bearer {key}"
+        self._secret = _api_key(config)
+        if self._secret is not None:
+            headers["Authorization"] = f"Bearer {self._secret}"
         self.url = config.base_url.rstrip("/") + "/chat/completions"
         self._client = httpx.Client(
             headers=headers,
@@ -100,6 +107,10 @@ class OpenAIOracle(CloudOracle):
         )
         self._lock = threading.Lock()
         self.stats.extra.update(retry_reasons={}, backoff_s=0.0)
+
+    @classmethod
+    def check_config(cls, config: CloudConfig) -> None:
+        _api_key(config)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"OpenAIOracle(url={self.url!r}, model={self.config.model!r})"

@@ -9,6 +9,7 @@ per-request seed ("CPU Generator does not use offset").
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import IO, Any
 
 from collab_env.cloud.base import AnswerCallback, CloudAnswer, CloudOracle
 from collab_env.cloud.settings import VLLMCloudConfig
+from collab_env.config import CloudConfig
 from collab_env.errors import CloudError, DependencyNotInstalled
 from collab_env.models import check_model_dir, resolve_dtype
 from collab_env.tasks import Problem, Task
@@ -58,6 +60,12 @@ class VLLMOracle(CloudOracle):
     """`LLM.chat` on an in-process vLLM engine: a batch of problems is one engine call."""
 
     config: VLLMCloudConfig
+
+    @classmethod
+    def check_config(cls, config: CloudConfig) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            raise DependencyNotInstalled(INSTALL_HINT)
+        check_model_dir(config.path, "cloud.path")  # type: ignore[attr-defined]
 
     def __init__(self, config: VLLMCloudConfig, task: Task) -> None:
         super().__init__(config, task)
