@@ -66,13 +66,43 @@ class _Core:
         )
         self.action_space = spaces.Discrete(self.vocab_size + 1)
 
+    def _tokenize(self, problems: list[Problem]) -> list[np.ndarray]:
+        # One batched call renders every chat and encodes them together (2-3x faster than one by one).
+        batch = self.tokenizer.apply_chat_template(
+            [self.task.messages(p) for p in problems],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        return [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in batch]
+
+    def check_prompts(self, chunk: int = 512) -> None:
+        """Tokenize every prompt now; PromptTooLongError says how many exceed the window and by how much."""
+        todo = [
+            p
+            for p in self.task.problems("train") + self.task.problems("test")
+            if p.id not in self._prompt_ids
+        ]
+        too_long: dict[int, int] = {}
+        for first in range(0, len(todo), chunk):
+            problems = todo[first : first + chunk]
+            for problem, ids in zip(problems, self._tokenize(problems), strict=True):
+                if len(ids) > self.config.max_prompt_tokens:
+                    too_long[problem.id] = len(ids)
+                else:
+                    self._prompt_ids[problem.id] = ids
+        if too_long:
+            longest = max(too_long, key=too_long.__getitem__)
+            raise PromptTooLongError(
+                f"{len(too_long)} of {len(self.task)} prompts are longer than env.max_prompt_tokens="
+                f"{self.config.max_prompt_tokens} (the longest, prompt {longest}, has {too_long[longest]} "
+                f"tokens); raise env.max_prompt_tokens to at least {too_long[longest]} or shorten the questions."
+            )
+
     def prompt_ids(self, problem: Problem) -> np.ndarray:
         """The prompt in the device's chat template with the task's instructions (tokenized once)."""
         if problem.id not in self._prompt_ids:
-            ids = self.tokenizer.apply_chat_template(
-                self.task.messages(problem), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            ids = self._tokenize([problem])[0]
             if len(ids) > self.config.max_prompt_tokens:
                 raise PromptTooLongError(
                     f"prompt {problem.id} has {len(ids)} tokens but env.max_prompt_tokens="
@@ -381,6 +411,13 @@ class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
     def prompt_tokens(self, prompt_id: int) -> np.ndarray:
         """Token ids of a prompt as the observation shows them (chat template and instructions)."""
         return self._core.prompt_ids(self._core.task.problem(prompt_id))
+
+    def check_prompts(self) -> None:
+        """Tokenize every prompt of both splits now (they are kept for the episodes).
+
+        A prompt longer than `max_prompt_tokens` otherwise raises PromptTooLongError only when it is
+        first drawn, which in training can be hours in; trainers call this at start-up instead."""
+        self._core.check_prompts()
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":
