@@ -14,9 +14,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from collab_env.cloud import CLOUD_CONFIGS
+from collab_env.cloud import CLOUD_CONFIGS, cloud_config
 from collab_env.config import BudgetConfig, DeviceConfig, EnvConfig, TaskConfig
-from collab_env.errors import ConfigError
+from collab_env.errors import ConfigError, unknown_name
 
 AGENT_CONFIGS: dict[str, type] = {}
 """Agent name (the `agent` group option) -> its settings dataclass; filled by `register_agent`."""
@@ -191,11 +191,11 @@ def register_configs() -> None:
 
 
 def to_objects(cfg: DictConfig | RunConfig) -> RunConfig:
-    """The validated dataclass objects of a composed config (runs every `__post_init__` check)."""
+    """The validated dataclass objects of a composed config: every `__post_init__` check, then `check_run`."""
     if isinstance(cfg, RunConfig):
         return cfg
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except Exception as err:  # OmegaConf wraps the ConfigError raised by a dataclass check
         cause = err
         while cause.__cause__ is not None and not isinstance(cause, ConfigError):
@@ -203,3 +203,37 @@ def to_objects(cfg: DictConfig | RunConfig) -> RunConfig:
         if isinstance(cause, ConfigError):
             raise cause from None
         raise
+    return check_run(run)
+
+
+def check_run(run: RunConfig) -> RunConfig:
+    """Checks across groups, which no single dataclass can make; returns `run`.
+
+    - The agent and the cloud must be what their group built: Hydra picks the class from the group
+      option, so `agent.name=nope` or `cloud.name=nope` would otherwise fail deep inside start-up.
+    - agent.minibatches must divide the sequences of a batch (train.prompts_per_step x
+      train.group_size): `update()` splits a batch into that many parts with torch.chunk and weighs
+      each as 1/minibatches of it, so uneven parts would weigh sequences unequally, and torch.chunk
+      returns fewer parts than asked when the count does not divide (12 sequences in 5 gives 4 parts).
+      micro_batch_size needs no such rule: gradients accumulate over micro-batches exactly.
+    """
+    agent_name = getattr(run.agent, "name", None)
+    if agent_name not in AGENT_CONFIGS:
+        raise unknown_name("agent", agent_name, AGENT_CONFIGS, field="agent.name")
+    if type(run.agent) is not AGENT_CONFIGS[agent_name]:
+        raise ConfigError(
+            f"agent.name={agent_name!r} does not match the settings of the chosen agent "
+            f"({type(run.agent).__name__}); pick the agent with the agent group instead (agent={agent_name})."
+        )
+    cloud_config(run.cloud)
+    sequences = run.train.prompts_per_step * run.train.group_size
+    minibatches = getattr(run.agent, "minibatches", 1)
+    if sequences % minibatches:
+        divisors = [d for d in range(1, min(sequences, 64) + 1) if sequences % d == 0]
+        raise ConfigError(
+            f"agent.minibatches={minibatches} must divide the {sequences} sequences of a batch "
+            f"(train.prompts_per_step={run.train.prompts_per_step} x train.group_size={run.train.group_size}): "
+            f"each minibatch is weighed as 1/{minibatches} of the batch. Choose one of: "
+            f"{', '.join(map(str, divisors))}."
+        )
+    return run
