@@ -6,6 +6,7 @@ from its newest checkpoint (`train.resume=auto`). A sweep: `python -m agents.tra
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -16,21 +17,45 @@ from omegaconf import DictConfig
 import agents.gapg  # noqa: F401  (registers the algorithms before Hydra reads the agent group)
 import agents.grpo  # noqa: F401
 import agents.ppo  # noqa: F401
-from agents.config import EXTERNAL_TRAINERS, register_configs, to_objects
-from agents.trainer import Trainer
+from agents.config import EXTERNAL_TRAINERS, RunConfig, register_configs, to_objects
+from agents.trainer import Trainer, make_train_env
+from collab_env.cloud import check_cloud
+from collab_env.config import SimulatedCloudConfig
 
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> dict[str, float]:
+def preflight(run: RunConfig) -> None:
+    """Everything that can fail without model weights, checked before any are loaded (or built).
+
+    `to_objects` has checked the values; this checks what they point at: the cloud's API key
+    variable or model directory (without building the oracle, which may load a model), then, by
+    building the training env with an in-memory simulated cloud, the task's data files and rows
+    and the tokenizer of a model directory. Every prompt is tokenized, so one longer than
+    env.max_prompt_tokens fails now rather than when it is first drawn, maybe hours into training.
+    """
+    check_cloud(run.cloud)
+    env = make_train_env(dataclasses.replace(run, cloud=SimulatedCloudConfig(cache_path=":memory:")))
+    try:
+        env.unwrapped.check_prompts()
+    finally:
+        env.close()
+
+
+def train(cfg: DictConfig | RunConfig, run_dir: Path) -> dict[str, float]:
+    """What `python -m agents.train` runs: check the config, check what needs no weights, then train."""
     run = to_objects(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    preflight(run)
     if run.agent.name in EXTERNAL_TRAINERS:
         module, function = EXTERNAL_TRAINERS[run.agent.name].split(":")
-        metrics = getattr(importlib.import_module(module), function)(run, run_dir)
-    else:
-        metrics = Trainer(run, run_dir).fit()
+        return getattr(importlib.import_module(module), function)(run, run_dir)
+    return Trainer(run, run_dir).fit()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> dict[str, float]:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics = train(cfg, run_dir)
     summary = ", ".join(
         f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and "/" not in k[5:]
     )
