@@ -5,7 +5,9 @@ A checkpoint is a directory `checkpoints/step_000042/` holding
 - `optimizer.safetensors`: every tensor of the optimizer state, flattened by name,
 - `state.json`: step, optimizer hyper-parameters, RNG states, the run's config and last metrics.
 It is written under a temporary name and renamed when complete, so a run killed while saving
-leaves no half-written checkpoint that could be loaded.
+leaves no half-written checkpoint that could be loaded; old checkpoints are renamed out of the
+listing before they are deleted, for the same reason. Leftovers of killed runs (hidden `.step_*`
+directories) are removed by the next save.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from collab_env.errors import DeviceCloudError
@@ -104,7 +107,8 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     final = root / f"{_STEP_PREFIX}{step:06d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in root.glob(f".{_STEP_PREFIX}*"):  # half-written or half-deleted by a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_tensors(module), str(tmp / "policy.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
@@ -119,11 +123,19 @@ def save_checkpoint(
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint; renamed out of the listing first, as a kill during rmtree could leave it
+    listed (state.json still there) with its weights already gone."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.del-{os.getpid()}")
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -143,7 +155,8 @@ def load_checkpoint(
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "policy.safetensors"))
-    except (OSError, ValueError) as err:
+        tensors = load_file(str(path / "optimizer.safetensors")) if optimizer is not None else {}
+    except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({err}); delete it to resume from an earlier one."
         ) from err
@@ -157,7 +170,6 @@ def load_checkpoint(
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
         rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         _load_optimizer(
             optimizer, {k: v for k, v in tensors.items() if not k.startswith("rng.")}, state["optimizer"]
