@@ -212,7 +212,33 @@ def _check_seed(seed: Any) -> int | None:
     raise ConfigError(f"seed={reprlib.repr(seed)} must be a non-negative integer or None.")
 
 
-class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
+class _CoreViews:
+    """Read-only views of what single and vector environments share."""
+
+    _core: _Core
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._core.tokenizer
+
+    @property
+    def task(self) -> Any:
+        return self._core.task
+
+    @property
+    def cloud(self) -> Any:
+        return self._core.cloud
+
+    @property
+    def help_action(self) -> int:
+        return self._core.help_action
+
+    @property
+    def config(self) -> EnvConfig:
+        return self._core.config
+
+
+class DeviceCloudEnv(_CoreViews, gym.Env[dict[str, np.ndarray], int]):
     """A small on-device LLM answers a question token by token, or calls a large cloud LLM for help.
 
     ## Description
@@ -327,25 +353,6 @@ class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
         self._ids = np.full(self._core.max_len, self._core.pad_id, dtype=np.int64)
         self._mask = np.zeros(self._core.max_len, dtype=np.int8)
 
-    @property
-    def tokenizer(self) -> Any:
-        return self._core.tokenizer
-
-    @property
-    def task(self) -> Any:
-        return self._core.task
-
-    @property
-    def cloud(self) -> Any:
-        return self._core.cloud
-
-    @property
-    def help_action(self) -> int:
-        return self._core.help_action
-
-    @property
-    def config(self) -> EnvConfig:
-        return self._core.config
 
     def _obs(self) -> dict[str, np.ndarray]:
         return {
@@ -429,7 +436,7 @@ class DeviceCloudEnv(gym.Env[dict[str, np.ndarray], int]):
         super().close()
 
 
-class DeviceCloudVectorEnv(VectorEnv):
+class DeviceCloudVectorEnv(_CoreViews, VectorEnv):
     """`num_envs` copies of `DeviceCloudEnv` stepped in one numpy batch, in one process.
 
     Each sub-env has its own RNG (seeded `seed + i`, like `SyncVectorEnv`) and budget window;
@@ -467,21 +474,6 @@ class DeviceCloudVectorEnv(VectorEnv):
         self._needs_reset = np.zeros(num_envs, dtype=bool)
         self._split = self._core.config.split
 
-    @property
-    def tokenizer(self) -> Any:
-        return self._core.tokenizer
-
-    @property
-    def task(self) -> Any:
-        return self._core.task
-
-    @property
-    def cloud(self) -> Any:
-        return self._core.cloud
-
-    @property
-    def help_action(self) -> int:
-        return self._core.help_action
 
     def _obs(self) -> dict[str, np.ndarray]:
         return {

@@ -212,3 +212,16 @@ def test_prompt_too_long_names_the_setting(make_env):
     env = make_env(max_prompt_tokens=20)
     with pytest.raises(PromptTooLongError, match="max_prompt_tokens"):
         env.reset(seed=0)
+
+
+def test_creating_the_env_loads_no_model_weights(monkeypatch, cloud_cache):
+    import collab_env.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("gym.make must not load model weights")
+
+    monkeypatch.setattr(collab_env.models, "load_model", refuse)
+    monkeypatch.setattr(collab_env.models, "smollm2_model_dir", refuse)
+    env = gym.make("DeviceCloud-v0", cloud={"name": "simulated", "cache_path": cloud_cache})
+    obs, _ = env.reset(seed=0)
+    assert obs["attention_mask"].sum() > 0
