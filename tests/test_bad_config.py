@@ -1,5 +1,5 @@
-"""Bad configuration fails at start-up, before any model weights are loaded, with a message naming the
-field and what it may be.
+"""Bad configuration and bad data fail at start-up, before any model weights are loaded, with a message
+naming the field (or the file and line) and what it may be.
 
 Every case goes through what `python -m agents.train` runs (`agents.train.train`: Hydra's composed
 config, `to_objects`, `preflight`, then the trainer) with every way of building a model patched to
@@ -18,6 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 import transformers
 from hydra import compose, initialize_config_dir
@@ -27,7 +28,8 @@ import agents.policy
 import agents.train
 import collab_env.models
 from agents.config import register_configs
-from collab_env.errors import DeviceCloudError
+from collab_env.errors import DatasetError, DatasetWarning, DeviceCloudError, PromptTooLongError
+from collab_env.tasks import make_task
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = str(REPO / "configs")
@@ -217,3 +219,81 @@ def test_the_command_line_exits_with_the_message_before_loading_weights(tmp_path
         assert "WEIGHTS LOADED" not in result["stderr"]
         written = {p.name for p in (tmp_path / str(i)).iterdir()} if (tmp_path / str(i)).exists() else set()
         assert written <= {".hydra", "train.log"}, written
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data: a clear error naming the file and line, or a documented skip with a count; never a
+# silent wrong score. (tests/test_tasks.py covers malformed JSON rows and missing keys.)
+
+
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = b'{"problem": "1+1", "solution": "\\\\boxed{2}"}\n'
+    path.write_bytes(good + good.replace(b"1+1", b"2+2") + '{"problem": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DatasetError, match=f"{path}:3: not UTF-8 text"):
+        make_task({"name": "jsonl_math", "path": str(path)})
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    rows = [json.dumps({"nums": [2, 5], "target": 10}), json.dumps({"nums": [3, 4], "target": 12})]
+    path = tmp_path / "bom.jsonl"
+    path.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    task = make_task({"name": "jsonl_countdown", "path": str(path), "test_fraction": 0.5})
+    assert len(task) == 2 and task.skipped == {}
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"], ids=["empty", "blank lines"])
+def test_an_empty_dataset_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match="0 training and 0 test problems.*both splits need at least one"):
+        make_task({"name": "jsonl_math", "path": str(path)})
+
+
+def test_rows_whose_answer_cannot_be_right_are_skipped_and_counted(tmp_path):
+    rows = [
+        {"nums": [2, 5], "target": 10},
+        {"nums": [3, 4], "target": 12},
+        {"nums": [1, 2], "target": 50},  # no expression of 1 and 2 reaches 50
+        {"nums": [6, 7], "target": 42, "solution": "6 + 7"},  # a wrong given solution
+        {"nums": [8, 9], "target": 72},
+    ]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.warns(
+        DatasetWarning, match=r"skipped \d of \d (train|test) problems whose ground-truth answer"
+    ):
+        task = make_task({"name": "jsonl_countdown", "path": str(path), "test_fraction": 0.4})
+    assert sum(task.skipped.values()) == 2 and len(task) == 3
+    assert all(task.verify(p, p.answer) for p in task.problems("train") + task.problems("test"))
+    unsolvable = tmp_path / "none.jsonl"
+    unsolvable.write_text("\n".join(json.dumps({"nums": [1, 2], "target": 50 + i}) for i in range(4)) + "\n")
+    with pytest.warns(DatasetWarning), pytest.raises(DatasetError, match="after skipping"):
+        make_task({"name": "jsonl_countdown", "path": str(unsolvable)})
+
+
+def test_prompts_longer_than_the_window_are_counted_at_start_up():
+    def make(window: int):
+        return gym.make(
+            "DeviceCloud-v0",
+            task={"name": "arithmetic", "num_train": 40, "num_test": 20},
+            cloud={"name": "simulated", "cache_path": ":memory:"},
+            max_prompt_tokens=window,
+        ).unwrapped
+
+    lengths = sorted(len(make(256).prompt_tokens(i)) for i in range(60))
+    window = lengths[len(lengths) // 2]  # inside the range of prompt lengths: some fit, some do not
+    too_long = sum(n > window for n in lengths)
+    assert 0 < too_long < len(lengths)
+    with pytest.raises(PromptTooLongError, match=rf"{too_long} of 60 prompts .* at least {lengths[-1]}"):
+        make(window).check_prompts()
+
+
+@pytest.mark.parametrize(
+    "answer", ["", "1e5", "0x10", "½", "ninety", "92 apples", "9" * 80, "\x00", "NaN", "inf"]
+)
+def test_answers_the_verifier_cannot_parse_are_wrong_not_errors(answer):
+    task = make_task({"name": "arithmetic", "num_train": 10, "num_test": 10})
+    problem = task.problems("test")[0]
+    assert task.verify(problem, answer) is False
+    assert task.verify(problem, task.extract_answer(f"<answer>{answer}</answer>")) is False
