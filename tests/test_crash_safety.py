@@ -42,7 +42,9 @@ from collab_env.config import SimulatedCloudConfig
 from collab_env.tasks import make_task
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# One intra-op thread: with two, float reductions differ between processes in the 7th digit, and a
+# resumed run could not be compared bit for bit with one that was never killed.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CACHE_TASK = {"name": "arithmetic", "num_train": 600, "num_test": 10}
 
 
@@ -138,7 +140,7 @@ def check_cache(path: Path, reported: dict[str, str]) -> None:
     oracle.close()
 
 
-def test_cache_survives_kills_and_never_asks_twice(tmp_path, record_property):
+def test_cache_survives_kills_and_never_asks_twice(tmp_path, record_testsuite_property):
     path = tmp_path / "cloud.sqlite"
     rng = random.Random(20240611)
     reported: dict[str, str] = {}
@@ -163,8 +165,8 @@ def test_cache_survives_kills_and_never_asks_twice(tmp_path, record_property):
                 assert key not in reported or digest == reported[key]
                 reported[key] = digest
         check_cache(path, reported)
-    record_property("cache.kills", kills)
-    record_property("cache.answers_checked", len(reported))
+    record_testsuite_property("cache.kills", kills)
+    record_testsuite_property("cache.answers_checked", len(reported))
     assert kills == 6 and len(reported) > 0
 
 
@@ -302,7 +304,7 @@ def _module_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
-def test_a_killed_checkpoint_write_is_never_loaded(checkpoint_kills, record_property):
+def test_a_killed_checkpoint_write_is_never_loaded(checkpoint_kills, record_testsuite_property):
     root, report = checkpoint_kills
     phases = [r["phase"] for r in report["phases"] if r["killed"]]
     assert phases == ["policy", "optimizer", "state", "rename", "prune"]
@@ -321,18 +323,18 @@ def test_a_killed_checkpoint_write_is_never_loaded(checkpoint_kills, record_prop
         model, optimizer = _module_and_optimizer()
         save_checkpoint(run_dir, 4, model, optimizer, None, {"config": {}}, keep_last=2)
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == listed[-1:] + ["step_000004"]
-    record_property("checkpoint.phase_kills", len(phases))
+    record_testsuite_property("checkpoint.phase_kills", len(phases))
 
 
-def test_checkpoints_survive_random_kills(checkpoint_kills, record_property):
+def test_checkpoints_survive_random_kills(checkpoint_kills, record_testsuite_property):
     report = checkpoint_kills[1]["random"]
     assert len(report) == RANDOM_KILLS
     for entry in report:
         assert all(ok is True for ok in entry["loads"]), entry
         assert len(entry["listed"]) <= 3  # keep_last=2, plus the newest while the oldest is removed
     assert report[-1]["listed"], "no checkpoint was ever completed"
-    record_property("checkpoint.random_kills", RANDOM_KILLS)
-    record_property("checkpoint.kills_with_leftovers", sum(bool(e["leftovers"]) for e in report))
+    record_testsuite_property("checkpoint.random_kills", RANDOM_KILLS)
+    record_testsuite_property("checkpoint.kills_with_leftovers", sum(bool(e["leftovers"]) for e in report))
 
 
 def test_an_unreadable_checkpoint_is_a_clear_error(tmp_path):
@@ -408,7 +410,7 @@ _TRAIN = textwrap.dedent(
     runpy.run_module("agents.train", run_name="__main__", alter_sys=True)
     """
 )
-STEPS = 6
+STEPS = 8
 
 
 def train_command(run_dir: Path) -> list[str]:
@@ -449,38 +451,45 @@ def check_after_kill(run_dir: Path, in_flight: int | None) -> int:
 
 
 @pytest.mark.slow
-def test_training_killed_anywhere_resumes_to_the_same_result(tmp_path, record_property):
+def test_training_killed_anywhere_resumes_to_the_same_result(tmp_path, record_testsuite_property):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(train_command(straight), cwd=REPO, env=ENV, check=True, capture_output=True, timeout=900)
-    plan: list[tuple[str, float]] = [
-        ("rollout", 2), ("update", 3), ("checkpoint", 3), ("rename", 4), ("prune", 4), ("random", 0.4), ("random", 0.8),
-    ]  # fmt: skip
+    # Kills inside given stages of given steps, then at random moments of the steps left.
+    plan = [
+        ("rollout", 2),
+        ("update", 3),
+        ("checkpoint", 3),
+        ("rename", 4),
+        ("prune", 4),
+        ("random", 0),
+        ("random", 0),
+    ]
     rng = random.Random(11)
-    kills = 0
-    for phase, when in plan:
-        env = {**ENV, "DC_KILL": f"{phase}:{int(when) if phase != 'random' else 0}"}
+    kills, finished = 0, False
+    for phase, fault_step in plan:
         process = subprocess.Popen(
             train_command(killed),
             cwd=REPO,
-            env=env,
+            env={**ENV, "DC_KILL": f"{phase}:{fault_step}"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
-        if phase == "random":  # a random moment after this launch has finished a step
+        if phase == "random":  # a random moment once this launch has finished a step
             logged = len(metrics_rows(killed))
             while len(metrics_rows(killed)) <= logged and process.poll() is None:
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 3.0) * when)
+            time.sleep(rng.uniform(0.0, 2.0))
             process.send_signal(signal.SIGKILL)
-        process.wait(timeout=900)
-        if process.returncode == 0:  # a random kill came too late: the run had finished
+        _, err = process.communicate(timeout=900)
+        if process.returncode == 0 or (killed / "final_metrics.json").exists():
+            assert phase == "random", err  # only a random kill can come after the run's end
+            finished = True
             break
-        assert process.returncode == -signal.SIGKILL, (phase, process.returncode, process.stderr.read())
+        assert process.returncode == -signal.SIGKILL, (phase, process.returncode, err)
         kills += 1
-        assert not (killed / "final_metrics.json").exists()
-        check_after_kill(killed, None if phase == "random" else int(when))
-    else:
+        check_after_kill(killed, None if phase == "random" else fault_step)
+    if not finished:
         subprocess.run(train_command(killed), cwd=REPO, env=ENV, check=True, capture_output=True, timeout=900)
     assert kills >= len(plan) - 1
     assert check_after_kill(killed, None) == STEPS
@@ -492,4 +501,25 @@ def test_training_killed_anywhere_resumes_to_the_same_result(tmp_path, record_pr
     assert [[r[c] for c in columns] for r in metrics_rows(killed)] == [
         [r[c] for c in columns] for r in metrics_rows(straight)
     ]
-    record_property("training.kills", kills)
+    record_testsuite_property("training.kills", kills)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="agents/run_log.py appends samples.jsonl on resume without dropping the rows past the resumed step",
+)
+def test_a_resumed_run_log_keeps_each_step_once(tmp_path):
+    from agents.run_log import RunLog
+
+    first = RunLog(tmp_path, total_steps=3, progress=False, tensorboard=False)
+    for step in (1, 2):  # step 2 is logged, then the run dies before its checkpoint
+        first.log(step, {"env/reward": 0.5})
+        first.log_samples(step, [{"completion": "x"}])
+    first.close()
+    resumed = RunLog(tmp_path, total_steps=3, start_step=1, progress=False, tensorboard=False)
+    resumed.log(2, {"env/reward": 0.5})
+    resumed.log_samples(2, [{"completion": "x"}])
+    resumed.close()
+    assert [int(r["step"]) for r in metrics_rows(tmp_path)] == [1, 2]  # metrics.csv does it right
+    steps = [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -396,7 +396,7 @@ def successes(trajectory: list[Any]) -> list[Any]:
 
 
 def fuzz(
-    record_property: Callable[[str, object], None],
+    record_testsuite_property: Callable[[str, object], None],
     name: str,
     examples: int,
     check: Callable[[Counter[str]], Callable[..., None]],
@@ -414,13 +414,13 @@ def fuzz(
 
     run()
     for key, value in sorted(counts.items()):
-        record_property(f"{name}.{key}", value)
+        record_testsuite_property(f"{name}.{key}", value)
     print(f"[fuzz] {name}: {dict(sorted(counts.items()))}")
     assert counts["cases"] >= examples * SCALE
     return counts
 
 
-def test_fuzz_single_env(record_property):
+def test_fuzz_single_env(record_testsuite_property):
     def check(counts: Counter[str]) -> Callable[..., None]:
         def body(config: dict[str, Any], first_seed: int, ops: list[tuple[Any, ...]]) -> None:
             ops = [("reset", first_seed, None), *ops]  # a seeded first reset makes reruns comparable
@@ -432,7 +432,9 @@ def test_fuzz_single_env(record_property):
 
         return body
 
-    counts = fuzz(record_property, "single", 60, check, env_settings, st.integers(0, 2**32 - 1), single_ops)
+    counts = fuzz(
+        record_testsuite_property, "single", 60, check, env_settings, st.integers(0, 2**32 - 1), single_ops
+    )
     # The examples reached what they are meant to test: episodes, refusals and both kinds of error.
     assert (
         min(counts["episodes"], counts["illegal_actions"], counts["config_errors"], counts["refused_calls"])
@@ -619,7 +621,7 @@ def run_vector(
     return trajectory, calls
 
 
-def test_fuzz_vector_env(record_property):
+def test_fuzz_vector_env(record_testsuite_property):
     def check(counts: Counter[str]) -> Callable[..., None]:
         def body(n: int, config: dict[str, Any], first_seed: int, data: st.DataObject) -> None:
             ops = [("reset", first_seed, None), *data.draw(vector_ops(n))]
@@ -635,7 +637,7 @@ def test_fuzz_vector_env(record_property):
         return body
 
     counts = fuzz(
-        record_property,
+        record_testsuite_property,
         "vector",
         30,
         check,
@@ -742,7 +744,7 @@ def run_routing(
     return trajectory
 
 
-def test_fuzz_routing_env(record_property, tmp_path):
+def test_fuzz_routing_env(record_testsuite_property, tmp_path):
     cache_dir = str(tmp_path / "routing")
 
     def check(counts: Counter[str]) -> Callable[..., None]:
@@ -753,7 +755,9 @@ def test_fuzz_routing_env(record_property, tmp_path):
 
         return body
 
-    counts = fuzz(record_property, "routing", 40, check, env_settings, st.integers(0, 2**32 - 1), routing_ops)
+    counts = fuzz(
+        record_testsuite_property, "routing", 40, check, env_settings, st.integers(0, 2**32 - 1), routing_ops
+    )
     assert (
         min(counts["episodes"], counts["illegal_actions"], counts["config_errors"], counts["refused_calls"])
         > 0
