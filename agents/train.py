@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 import agents.gapg  # noqa: F401  (registers the algorithms before Hydra reads the agent group)
 import agents.grpo  # noqa: F401
 import agents.ppo  # noqa: F401
+import agents.sb3  # noqa: F401  (Stable-Baselines3 adapter, agent=sb3_ppo)
+import agents.tianshou  # noqa: F401  (Tianshou adapter, agent=tianshou_ppo)
 from agents.config import EXTERNAL_TRAINERS, RunConfig, register_configs, to_objects
 from agents.trainer import Trainer, make_train_env
 from collab_env.cloud import check_cloud

