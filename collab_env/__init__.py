@@ -1,6 +1,7 @@
 """DeviceCloud's environment side: Gymnasium environments for device-cloud LLM collaboration.
 
-Importing this package registers `DeviceCloud-v0` (token level); `gym.make("collab_env:DeviceCloud-v0")`
+Importing this package registers `DeviceCloud-v0` (token level: every action writes a token or calls
+for help) and `DeviceCloudRouting-v0` (one routing decision per prompt); `gym.make("collab_env:DeviceCloud-v0")`
 imports it by itself. Nothing here imports `agents`.
 """
 

@@ -28,17 +28,24 @@ class CloudBudget:
         self.calls = 0
         self.episodes = 0
 
-    def _allows_one_more(self) -> bool:
+    def _window_full(self) -> bool:
+        return self.config.window is not None and self.episodes >= self.config.window
+
+    def would_admit(self) -> bool:
+        """Whether a call for help in the next episode would reach the cloud (nothing is counted)."""
+        if self.config.mode != "cap":
+            return True
+        calls, episodes = (0, 0) if self._window_full() else (self.calls, self.episodes)
         share = self.config.share
         if self.config.window is None:
-            return self.calls + 1 <= share * (self.episodes + 1) + _TOLERANCE
-        return self.calls + 1 <= math.floor(share * self.config.window + _TOLERANCE)
+            return calls + 1 <= share * (episodes + 1) + _TOLERANCE
+        return calls + 1 <= math.floor(share * self.config.window + _TOLERANCE)
 
     def record(self, wants_cloud: bool) -> bool:
         """Count one finished episode; return whether its call for help is admitted."""
-        if self.config.window is not None and self.episodes >= self.config.window:
+        admitted = wants_cloud and self.would_admit()
+        if self._window_full():
             self.reset_window()
-        admitted = wants_cloud and (self.config.mode != "cap" or self._allows_one_more())
         self.episodes += 1
         self.calls += int(admitted)
         return admitted

@@ -10,7 +10,6 @@ Tianshou and prompt-router baselines, on the same tasks, verifiers, cloud, budge
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -434,8 +433,8 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     def action_masks(self) -> np.ndarray:
         """[device, cloud] admissible now: the cloud is masked when the cap would refuse the call.
 
-        The budget's own admission rule decides, run on a throwaway copy so nothing is counted."""
-        return np.array([True, copy.copy(self.budget).record(True)], dtype=bool)
+        The budget's own admission rule decides; nothing is counted."""
+        return np.array([True, self.budget.would_admit()], dtype=bool)
 
     def _device_model(self) -> Any:
         if self._model is None:

@@ -653,17 +653,11 @@ def test_fuzz_vector_env(record_testsuite_property):
 # DeviceCloudRouting-v0
 
 EASY_LEVELS = ("add2", "add2_carry", "mul21")
-ROUTING_ILLEGAL = [2, -1, 0.5, "1", None, [1], 10**30, float("nan"), b"0"]
+ROUTING_ILLEGAL = [2, -1, 0.5, "1", None, [1], np.array([1]), 10**30, float("nan"), float("inf"), b"0"]
 ROUTING_LEGAL = [0, 1, 0, 1, np.int64(1), 1.0, True, np.uint8(0)]
 routing_ops = st.lists(
     st.tuples(
-        st.tuples(
-            st.just("reset"),
-            st.none() | st.integers(0, 2**32 - 1),
-            single_options.filter(
-                lambda o: not (isinstance(o, dict) and "prompt_id" in o and not prompt_id_ok(o["prompt_id"]))
-            ),
-        ),
+        st.tuples(st.just("reset"), seeds, single_options),
         st.lists(st.tuples(st.just("step"), st.sampled_from(ROUTING_LEGAL + ROUTING_ILLEGAL)), max_size=3),
     ),
     min_size=1,
@@ -686,25 +680,29 @@ def make_routing(config: dict[str, Any], cache_dir: str) -> Any:
 
 def run_routing(
     config: dict[str, Any], ops: list[tuple[Any, ...]], cache_dir: str, counts: Counter[str]
-) -> list[Any]:
+) -> tuple[list[Any], list[tuple[Any, ...]]]:
+    """As `run_single`, for the routing env: one step per episode, on the device's cached answers."""
     env = make_routing(config, cache_dir)
     budget = BudgetModel(config["budget"])
     trajectory: list[Any] = []
+    calls: list[tuple[Any, ...]] = []
     problem = None
     asked: set[int] = set()
     for op in ops:
         if op[0] == "reset":
             _, seed, options = op
-            ok = options_ok(options, ("prompt_id", "split", "reset_budget"))
+            ok = options_ok(options, ("prompt_id", "split", "reset_budget")) and seed_ok(seed)
             try:
                 obs, info = env.reset(seed=seed, options=options)
             except ConfigError as err:
-                assert not ok, (options, err)
+                assert not ok, (seed, options, err)
                 counts["config_errors"] += 1
                 trajectory.append(("error", str(err)))
+                calls.append(("reset", seed, options, False))
                 continue
-            assert ok, options
+            assert ok, (seed, options)
             counts["resets"] += 1
+            calls.append(("reset", seed, options, True))
             if seed is not None or (options or {}).get("reset_budget"):
                 budget.reset()
             problem = env.task.problem(info["prompt_id"])
@@ -724,10 +722,12 @@ def run_routing(
             assert not ok, (action, err)
             counts["illegal_actions"] += 1
             trajectory.append(("error", str(err)))
+            calls.append(("act", action, False))
             continue
         assert ok, action
         counts["steps"] += 1
         counts["episodes"] += 1
+        calls.append(("act", action, True))
         assert masks.tolist() == [True, budget.admits()]  # the mask is the cap's own admission rule
         assert (terminated, truncated) == (True, False) and env.observation_space.contains(obs)
         assert info["prompt_id"] == problem.id and info["called_help"] == (int(action) == CLOUD_ACTION)
@@ -741,7 +741,7 @@ def run_routing(
         problem = None
         trajectory.append(("step", freeze(obs), reward, freeze(info)))
     env.close()
-    return trajectory
+    return trajectory, calls
 
 
 def test_fuzz_routing_env(record_testsuite_property, tmp_path):
@@ -750,8 +750,11 @@ def test_fuzz_routing_env(record_testsuite_property, tmp_path):
     def check(counts: Counter[str]) -> Callable[..., None]:
         def body(config: dict[str, Any], first_seed: int, ops: list[tuple[Any, ...]]) -> None:
             ops = [("reset", first_seed, None), *ops]
-            trajectory = run_routing(config, ops, cache_dir, counts)
-            assert run_routing(config, ops, cache_dir, Counter()) == trajectory
+            trajectory, calls = run_routing(config, ops, cache_dir, counts)
+            again, _ = run_routing(config, ops, cache_dir, Counter())
+            assert again == trajectory, "the same seed and calls gave another trajectory"
+            replayed, _ = run_routing(config, replay_successes(calls), cache_dir, Counter())
+            assert replayed == successes(trajectory), "a call that raised changed the routing env"
 
         return body
 
@@ -770,30 +773,20 @@ PLAIN = {
     "marker_match": "lenient",
 }
 
-# Found by fuzzing DeviceCloudRouting-v0 with the inputs the test above leaves out. collab_env/routing_env.py
-# is not fixed here; these turn into failures (strict xfail) once it is, so the marks get removed.
+# Regression tests for what the fuzzer first found in DeviceCloudRouting-v0.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="routing_env step() catches TypeError and ValueError but not the OverflowError of int(inf)",
-)
 def test_routing_env_refuses_an_infinite_action(tmp_path):
     env = make_routing(PLAIN, str(tmp_path))
     env.reset(seed=0)
     with pytest.raises(IllegalActionError):
-        env.step(float("inf"))
+        env.step(float("inf"))  # int(inf) raised OverflowError
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="routing_env reset() reseeds and resets the budget window before it looks the prompt_id up",
-)
 def test_routing_env_reset_that_raises_changes_nothing(tmp_path):
     env = make_routing(PLAIN, str(tmp_path))
     env.reset(seed=0)
     env.step(CLOUD_ACTION)
     with pytest.raises(ConfigError):
-        env.reset(seed=3, options={"prompt_id": "x"})
+        env.reset(seed=3, options={"prompt_id": "x"})  # the budget window was reset before the lookup failed
     assert env.budget.episodes == 1
