@@ -17,6 +17,13 @@ from typing import Any
 from tqdm import tqdm
 
 
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # an unreadable (half-written) row is dropped
+
+
 class RunLog:
     """Writes one row of metrics per step; on resume it keeps the rows up to the resumed step."""
 
@@ -35,7 +42,11 @@ class RunLog:
         if self.csv_path.exists() and start_step > 0:
             with self.csv_path.open() as handle:
                 self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= start_step]
-        self.samples = (self.run_dir / "samples.jsonl").open("a")
+        samples = self.run_dir / "samples.jsonl"
+        if samples.exists():  # a resumed run repeats the steps after its checkpoint: drop their old rows
+            kept = [line for line in samples.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
+            samples.write_text("".join(kept))
+        self.samples = samples.open("a")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -504,10 +504,6 @@ def test_training_killed_anywhere_resumes_to_the_same_result(tmp_path, record_te
     record_testsuite_property("training.kills", kills)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agents/run_log.py appends samples.jsonl on resume without dropping the rows past the resumed step",
-)
 def test_a_resumed_run_log_keeps_each_step_once(tmp_path):
     from agents.run_log import RunLog
 
