@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import logging
 import re
 import secrets
 import sqlite3
@@ -165,31 +166,65 @@ _RUN = textwrap.dedent(
 )
 
 
-def test_the_api_key_appears_nowhere_after_a_training_run(key, hostile, tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    command = [
-        sys.executable, "-c", _RUN, "experiment=smoke", "train.steps=2", "agent=grpo",
-        "cloud=openai", f"cloud.base_url={hostile.url}", "cloud.model=hostile", f"cloud.api_key_env={KEY_VAR}",
-        "cloud.on_error=score_wrong", "cloud.max_retries=0", "cloud.timeout_s=30",
-        f"cloud.cache_path={run_dir / 'cloud.sqlite'}", f"hydra.run.dir={run_dir}",
-        "hydra.job_logging.root.level=DEBUG",
+def _run_overrides(server: HostileServer, run_dir: Path) -> list[str]:
+    return [
+        "experiment=smoke", "train.steps=2", "agent=grpo", "cloud=openai", f"cloud.base_url={server.url}",
+        "cloud.model=hostile", f"cloud.api_key_env={KEY_VAR}", "cloud.on_error=score_wrong", "cloud.max_retries=0",
+        "cloud.timeout_s=30", f"cloud.cache_path={run_dir / 'cloud.sqlite'}",
     ]  # fmt: skip
-    monkeypatch.setenv(KEY_VAR, key)
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, errors="replace")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (run_dir / "final_metrics.json").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def _check_run(run_dir: Path, output: str, key: str, server: HostileServer) -> None:
+    assert (run_dir / "final_metrics.json").is_file() and (run_dir / "checkpoints").is_dir()
     # The key did flow: the server checked it on every request, and some requests failed with it echoed.
-    assert hostile.authorized == Counter({True: hostile.requests}) and hostile.requests >= hostile.echo_every
+    assert server.authorized == Counter({True: server.requests}) and server.requests >= server.echo_every
     assert files_containing(run_dir, key.encode()) == []
-    assert key not in done.stdout + done.stderr
-    assert "\x1b]0;pwned" not in done.stdout + done.stderr  # cloud text never reaches the terminal
-    assert KEY_VAR in (run_dir / ".hydra" / "config.yaml").read_text()  # the name is kept, not the value
+    assert key not in output
+    assert "\x1b]0;pwned" not in output  # cloud text never reaches the terminal or the logs
     with sqlite3.connect(run_dir / "cloud.sqlite") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         texts = {row[0] for row in conn.execute("SELECT text FROM answers")}
     assert texts and texts <= {t.replace("\ud800", "?") for t in HOSTILE}
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+
+
+def test_the_api_key_appears_nowhere_after_a_training_run(key, hostile, tmp_path, monkeypatch, capfd, caplog):
+    """In-process, through `agents.train.train`: checkpoints, metrics, samples, TensorBoard, cache, logs."""
+    from hydra import compose, initialize_config_dir
+
+    import agents.train
+    import collab_env.scoring
+    from agents.config import register_configs
+
+    monkeypatch.setenv(KEY_VAR, key)
+    # The tiny random device model never asks for help on its own; here every completion does.
+    monkeypatch.setattr(collab_env.scoring.EpisodeScorer, "calls_help", lambda self, state: True)
+    caplog.set_level(logging.DEBUG)
+    run_dir = tmp_path / "run"
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose(config_name="train", overrides=_run_overrides(hostile, run_dir))
+    agents.train.train(cfg, run_dir)
+    out, err = capfd.readouterr()
+    assert "HTTP Request: POST" in caplog.text  # the client's DEBUG logs were captured
+    _check_run(run_dir, out + err + caplog.text, key, hostile)
+
+
+@pytest.mark.slow
+def test_the_api_key_appears_nowhere_after_a_command_line_run(key, hostile, tmp_path, monkeypatch):
+    """`python -m agents.train`, adding Hydra's saved config and its log file (at DEBUG level)."""
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-c", _RUN, *_run_overrides(hostile, run_dir),
+        f"hydra.run.dir={run_dir}", "hydra.job_logging.root.level=DEBUG",
+    ]  # fmt: skip
+    monkeypatch.setenv(KEY_VAR, key)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, errors="replace")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert KEY_VAR in (run_dir / ".hydra" / "config.yaml").read_text()  # the name is kept, not the value
+    assert "HTTP Request: POST" in (run_dir / "train.log").read_text()
+    _check_run(run_dir, done.stdout + done.stderr, key, hostile)
 
 
 # ---------------------------------------------------------------------------------------------
