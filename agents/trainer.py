@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 import collab_env  # noqa: F401  (registers DeviceCloud-v0)
-from agents.algorithm import make_algorithm, score_batch, update
+from agents import distributed
+from agents.algorithm import make_algorithm, score_batch, single_update, update
 from agents.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from agents.config import RunConfig
 from agents.evaluation import EvalResult, evaluate_policy, make_eval_env
@@ -73,7 +74,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.train = run.train
         torch.manual_seed(run.seed)
-        self.device = pick_device(run.train.device)
+        self.device = distributed.init(pick_device(run.train.device))
         device_config = resolve_device(run)
         self.run = run = dataclasses.replace(run, device=device_config)
         self.env = make_train_env(run)
@@ -90,6 +91,7 @@ class Trainer:
 
             format_warmup(self.policy, run)
         self.reference = None
+        distributed.broadcast_parameters(self.policy)
         if self.algorithm.needs_reference:
             self.reference = Policy.load(device_config, self.device)
             self.reference.requires_grad_(False)
@@ -105,7 +107,6 @@ class Trainer:
         self.eval_prompts = [p.id for p in self.env.unwrapped.task.problems("test")][: run.train.eval_prompts]
         self.eval_env = make_eval_env(run, len(self.eval_prompts))
         self.start_step = self._resume()
-        self.generator = torch.Generator().manual_seed(run.seed)
 
     def _config_snapshot(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self.run), default=str))
@@ -144,39 +145,53 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to `train.steps`, then evaluate on held-out prompts; returns the last metrics."""
-        log = RunLog(self.run_dir, self.train.steps, self.start_step, self.train.progress)
+        main = distributed.is_main()  # under torch.distributed, rank 0 evaluates, logs and saves
+        log: RunLog | distributed.QuietLog = distributed.QuietLog()
+        if main:
+            log = RunLog(self.run_dir, self.train.steps, self.start_step, self.train.progress)
         metrics: dict[str, float] = {}
         try:
             for step in range(self.start_step + 1, self.train.steps + 1):
                 metrics = self.step(step, log)
                 is_last = step == self.train.steps
-                if is_last or (self.train.eval_every and step % self.train.eval_every == 0):
+                if main and (is_last or (self.train.eval_every and step % self.train.eval_every == 0)):
                     metrics.update(self.evaluate().metrics("eval/"))
                 log.log(step, metrics)
-                if is_last or (self.train.save_every and step % self.train.save_every == 0):
+                if main and (is_last or (self.train.save_every and step % self.train.save_every == 0)):
                     self.save(step, metrics)
         finally:
             log.close()
-        (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
+        if main:
+            (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
         return metrics
 
-    def step(self, step: int, log: RunLog) -> dict[str, float]:
+    def step(self, step: int, log: RunLog | distributed.QuietLog) -> dict[str, float]:
         started = time.perf_counter()
         self.policy.eval()
+        seed = (self.run.seed * 1_000_003 + step) * distributed.world_size() + distributed.rank()
         rollout = self.engine.rollout(
-            self.prompt_batch(step), self.train.group_size, seed=self.run.seed * 1_000_003 + step
+            distributed.shard(self.prompt_batch(step)), self.train.group_size, seed=seed
         )
+        rollout = distributed.gather_rollout(rollout, int(self.policy.tokenizer.pad_token_id))
         generated = time.perf_counter()
         metrics = rollout_metrics(rollout)
         tokens = float(rollout.completion_mask.sum())
         self.policy.train()
-        if self.run.rollout.temperature != 1.0 or self.run.rollout.top_p != 1.0:
-            # Ratio-based losses need log-probs of the policy itself, not of the tempered sampler.
+        # Ratio-based losses need log-probs of the policy itself, not of the tempered sampler; a single
+        # update takes them from its own forward pass instead of a scoring pass.
+        tempered = self.run.rollout.temperature != 1.0 or self.run.rollout.top_p != 1.0
+        reuse = tempered and single_update(self.algorithm)
+        if tempered and not reuse:
             rollout.old_logprobs = score_batch(self.policy, rollout, self.train.micro_batch_size).logprobs
         batch, prepared = self.algorithm.prepare(rollout, step, self.policy, self.reference)
         metrics.update(prepared)
         if batch is not None:
-            metrics.update(update(self.algorithm, self.policy, self.optimizer, batch, self.generator))
+            # Minibatch order seeded by step, not carried from step to step: a resumed run draws the
+            # same order, and every rank draws the same one (each then takes its share of it).
+            order = torch.Generator().manual_seed(self.run.seed * 1_000_003 + step)
+            metrics.update(
+                update(self.algorithm, self.policy, self.optimizer, batch, order, old_from_policy=reuse)
+            )
             self.engine.sync_weights()
             self.scheduler.step()  # the warm-up counts updates, not iterations
         metrics["train/updated"] = float(batch is not None)
