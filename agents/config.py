@@ -188,6 +188,9 @@ def register_configs() -> None:
         store.store(group="cloud", name=f"base_cloud_{name}", node=config_class)
     for name, config_class in AGENT_CONFIGS.items():
         store.store(group="agent", name=f"base_agent_{name}", node=config_class)
+    from agents.warmup import FormatWarmupConfig
+
+    store.store(group="warmup", name="base_warmup_format_sft", node=FormatWarmupConfig)
 
 
 def to_objects(cfg: DictConfig | RunConfig) -> RunConfig:
