@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from agents import distributed
 from agents.config import TrainConfig
 from agents.policy import Policy, PolicyOutput
 from agents.rollout import Rollout
@@ -113,6 +114,15 @@ def trimmed(batch: Rollout) -> Rollout:
     )
 
 
+def by_length(batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` ordered by completion length, then prompt length, so a micro-batch of neighbours trims
+    most of its padding (a sum over rows does not depend on their order)."""
+    completion = batch.completion_mask[rows].sum(dim=1)
+    prompt = batch.attention_mask[rows, : batch.input_ids.shape[1] - batch.completion_len].sum(dim=1)
+    key = completion.long() * (batch.input_ids.shape[1] + 1) + prompt
+    return rows[torch.argsort(key, stable=True)]
+
+
 def micro_batches(batch: Rollout, rows: torch.Tensor, size: int, device: torch.device) -> Iterator[Rollout]:
     """Trimmed micro-batches of `rows`, moved to `device`."""
     for start in range(0, len(rows), size):
@@ -136,7 +146,7 @@ def score_batch(
     policy: Policy, batch: Rollout, micro_batch_size: int, with_values: bool = False
 ) -> PolicyOutput:
     """Log-probabilities (and values) of every completion token under `policy`, without gradients."""
-    rows = torch.arange(len(batch.prompt_ids))
+    rows = by_length(batch, torch.arange(len(batch.prompt_ids)))
     logprobs = torch.zeros_like(batch.old_logprobs)
     values = torch.zeros_like(batch.old_logprobs) if with_values else None
     for start in range(0, len(rows), micro_batch_size):
@@ -151,38 +161,56 @@ def score_batch(
     return PolicyOutput(logprobs * batch.completion_mask, None, values)
 
 
+def single_update(algorithm: Algorithm) -> bool:
+    """One optimizer step per batch: the policy that sampled is the one being differentiated, so the
+    log-probabilities of the sampling policy are the detached current ones (no scoring pass)."""
+    return algorithm.config.epochs == 1 and algorithm.config.minibatches == 1
+
+
 def update(
     algorithm: Algorithm,
     policy: Policy,
     optimizer: torch.optim.Optimizer,
     batch: Rollout,
     generator: torch.Generator,
+    old_from_policy: bool = False,
 ) -> dict[str, float]:
-    """Epochs x minibatches of optimizer steps on `batch`, with gradient accumulation over micro-batches."""
+    """Epochs x minibatches of optimizer steps on `batch`, with gradient accumulation over micro-batches.
+
+    Under torch.distributed each rank differentiates its share of every minibatch and the gradients
+    are summed (the loss coefficients already normalise over the whole batch). `old_from_policy`
+    takes the old log-probabilities from the forward pass itself, detached: exact for a single
+    update (`single_update`) on a batch the current policy sampled.
+    """
     config, train = algorithm.config, algorithm.train
     n = len(batch.prompt_ids)
     totals: dict[str, float] = {}
     grad_norms = []
+    params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=generator) if config.minibatches > 1 else torch.arange(n)
         for rows in order.chunk(config.minibatches):
             optimizer.zero_grad(set_to_none=True)
-            for micro in micro_batches(batch, rows, train.micro_batch_size, policy.device):
+            own = by_length(batch, torch.as_tensor(distributed.shard(rows.tolist()), dtype=torch.long))
+            for micro in micro_batches(batch, own, train.micro_batch_size, policy.device):
                 out = policy(
                     micro.input_ids,
                     micro.attention_mask,
                     micro.completion_len,
                     with_entropy=algorithm.needs_entropy,
                 )
+                if old_from_policy:
+                    micro.old_logprobs = out.logprobs.detach()
                 loss, metrics = algorithm.loss(out, micro)
                 # coef normalises over the whole batch; a minibatch is one of `minibatches` equal parts.
                 (loss * config.minibatches).backward()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value
-            params = [p for p in policy.parameters() if p.requires_grad]
+            distributed.all_reduce_gradients(params)
             max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             optimizer.step()
+    totals = distributed.sum_metrics(totals, str(policy.device))
     # Metrics are coef-weighted sums, so one pass over all minibatches adds up to the batch value.
     result = {key: value / config.epochs for key, value in totals.items()}
     result["train/grad_norm"] = sum(grad_norms) / len(grad_norms)

@@ -1,6 +1,6 @@
 """Hydra entry point: `python -m agents.train experiment=arithmetic_cpu [agent=grpo] [key=value ...]`.
 
-The run directory is `outputs/<name>/<agent>/seed<seed>`; running the same command again resumes
+The run directory is `outputs/<name>/runs/<agent>-<template>/seed<seed>`; running the same command again resumes
 from its newest checkpoint (`train.resume=auto`). A sweep: `python -m agents.train -m budget.ratio=0.1,0.3`.
 """
 

@@ -1,0 +1,352 @@
+"""One GAPG training step against TRL's GRPOTrainer configured to the same work.
+
+    python -m benchmarks.train_step                     # SmolLM2-135M, 8 prompts x G=8, 64 new tokens
+    python -m benchmarks.train_step --steps 3 --threads 1
+    python -m benchmarks.train_step --model qwen2.5-1.5b-random --device cuda
+
+Same model and dtype, the same 8 training prompts per step (chat template and instructions as
+the environment writes them), 8 completions each, at most 64 new tokens, temperature 1.0, full
+fine-tuning with AdamW at the same learning rate, betas, weight decay and clipping, micro-batches of
+16 sequences, no gradient checkpointing, no vLLM, rewards from the environment's own scorer. GAPG
+runs with its prompt filter off, so it learns from all 64 completions as GRPO does. Our rollout
+ends a completion at the environment's stop rules (EOS, the call-for-help marker, `</answer>`),
+TRL's at EOS: both completion lengths are printed, and tokens/s next to samples/s.
+
+Each engine runs in a subprocess of its own (`--only ours|trl`), one after the other, so peak RSS
+is its own; steps after the first are reported (the first pays for allocation and warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    MODELS,
+    device_config,
+    forward_flops_per_token,
+    load_policy_model,
+    machine_info,
+    median,
+    peak_flops,
+    pick_device,
+    print_header,
+    set_threads,
+)
+
+RESULT = "@@train_step "
+"""Prefix of the child's result line on stdout."""
+
+
+def run_config(args: argparse.Namespace, device: str, model: Any) -> Any:
+    """The RunConfig of a GAPG run doing exactly the benchmark's work (filter off, no eval, no saving)."""
+    from agents.config import RolloutConfig, RunConfig, TrainConfig
+    from agents.gapg import GAPGConfig
+    from collab_env.config import EnvConfig, SimulatedCloudConfig
+
+    return RunConfig(
+        env=EnvConfig(max_new_tokens=args.new_tokens),
+        device=model,
+        cloud=SimulatedCloudConfig(cache_path=":memory:"),
+        rollout=RolloutConfig(backend="hf", temperature=1.0, top_p=1.0, max_batch=256),
+        agent=GAPGConfig(filtering=False),
+        train=TrainConfig(
+            steps=args.steps,
+            prompts_per_step=args.prompts,
+            group_size=args.group_size,
+            lr=args.lr,
+            micro_batch_size=args.micro_batch,
+            max_grad_norm=1.0,
+            device=device,
+            resume="never",
+            progress=False,
+            save_every=0,
+        ),
+    )
+
+
+def prompt_batches(env: Any, args: argparse.Namespace) -> list[list[int]]:
+    """The prompt ids of every step: consecutive training prompts, the same for both engines."""
+    problems = env.unwrapped.task.problems("train")
+    return [[p.id for p in problems[s * args.prompts : (s + 1) * args.prompts]] for s in range(args.steps)]
+
+
+def run_ours(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    from agents.distributed import QuietLog
+    from agents.trainer import Trainer
+
+    run = run_config(args, device, device_config(MODELS[args.model], device))
+
+    class FixedPrompts(Trainer):
+        """The shared trainer, fed the benchmark's prompts; records each rollout's token counts."""
+
+        def prompt_batch(self, step: int) -> list[int]:
+            return self.batches[step - 1]
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = FixedPrompts(run, run_dir)
+        trainer.batches = prompt_batches(trainer.env, args)
+        rollouts = []
+        rollout = trainer.engine.rollout
+
+        def recorded(*a: Any, **k: Any) -> Any:
+            rollouts.append(out := rollout(*a, **k))
+            return out
+
+        trainer.engine.rollout = recorded
+        seconds, completion_tokens, prompt_tokens = [], [], []
+        for step in range(1, args.steps + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            metrics = trainer.step(step, QuietLog())
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - started)
+            completion_tokens.append(float(rollouts[-1].completion_mask.sum()))
+            prompt_tokens.append(float(rollouts[-1].attention_mask.sum()) - completion_tokens[-1])
+            print(
+                f"   ours step {step}: {seconds[-1]:.1f} s (generate {metrics['train/generate_time']:.1f} s, "
+                f"update {metrics['train/update_time']:.1f} s)",
+                flush=True,
+            )
+        return {
+            "seconds": seconds,
+            "completion_tokens": completion_tokens,
+            "prompt_tokens": prompt_tokens,
+            "model": trainer.policy.model,
+        }
+
+
+def run_trl(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        return {"skipped": "TRL is not installed (pip install 'devicecloud[bench]')"}
+    import gymnasium as gym
+
+    import collab_env  # noqa: F401  (registers DeviceCloud-v0)
+
+    model, tokenizer, model_config = load_policy_model(MODELS[args.model], device)
+    env = gym.make(
+        "DeviceCloud-v0",
+        device=model_config,
+        cloud={"name": "simulated", "cache_path": ":memory:"},
+        max_new_tokens=args.new_tokens,
+    )
+    task = env.unwrapped.task
+    ids = [pid for batch in prompt_batches(env, args) for pid in batch]
+    dataset = Dataset.from_list(
+        [{"prompt": task.messages(task.problem(pid)), "prompt_id": pid} for pid in ids]
+    )
+
+    vocab = len(tokenizer)
+
+    def reward(completion_ids: list[list[int]], prompt_id: list[int], **_: Any) -> list[float]:
+        # A random model's embedding rows past the tokenizer (Qwen's 151936 > SmolLM2's 49152) can be
+        # sampled by TRL; they are no text, so they are dropped before scoring (our policy never samples them).
+        completions = [[t for t in ids if t < vocab] for ids in completion_ids]
+        return [r for r, _ in env.unwrapped.score_many(prompt_id, completions)]
+
+    class Timing(TrainerCallback):
+        """Wall time between optimizer steps and the completion lengths TRL logs."""
+
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+            self.lengths: list[float] = []
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self._sync()
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            self._sync()
+            self.marks.append(time.perf_counter())
+            print(f"   trl step {len(self.marks) - 1}: {self.marks[-1] - self.marks[-2]:.1f} s", flush=True)
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_log(self, *_: Any, logs: dict[str, float] | None = None, **__: Any) -> None:
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+
+        def _sync(self) -> None:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+    bf16 = model.dtype == torch.bfloat16
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="devicecloud-trl-"),
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.prompts * args.group_size // args.micro_batch,
+        num_generations=args.group_size,
+        max_completion_length=args.new_tokens,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        gradient_checkpointing=False,
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        max_steps=args.steps,
+        shuffle_dataset=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    timing = Timing()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[timing],
+    )
+    trainer.train()
+    seconds = [b - a for a, b in zip(timing.marks, timing.marks[1:], strict=False)]
+    completion_tokens = [length * args.prompts * args.group_size for length in timing.lengths]
+    prompt_len = sum(len(env.unwrapped.prompt_tokens(pid)) for pid in ids) / len(ids)
+    return {
+        "seconds": seconds,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens": [prompt_len * args.prompts * args.group_size] * len(seconds),
+        "model": model,
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    set_threads(args.threads)
+    result = run_ours(args, device) if args.only == "ours" else run_trl(args, device)
+    model = result.pop("model", None)
+    if "skipped" not in result:
+        result["peak_memory_bytes"] = (
+            torch.cuda.max_memory_allocated()
+            if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        context = int(median(result["prompt_tokens"]) / (args.prompts * args.group_size)) + args.new_tokens
+        result["flops_per_token"] = forward_flops_per_token(model, context)
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def summarize(name: str, result: dict[str, Any], args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Seconds per step (median after the first), samples/s, completion tokens/s, memory, MFU."""
+    timed = result["seconds"][1:] or result["seconds"]
+    tokens = result["completion_tokens"][1:] or result["completion_tokens"]
+    prompts = result["prompt_tokens"][1:] or result["prompt_tokens"]
+    step = median(timed)
+    samples = args.prompts * args.group_size
+    summary = {
+        "engine": name,
+        "s_per_step": step,
+        "samples_per_s": samples / step,
+        "completion_tokens_per_s": median([t / s for t, s in zip(tokens, timed, strict=True)]),
+        "mean_completion_tokens": median(tokens) / samples,
+        "peak_memory_gib": result["peak_memory_bytes"] / 2**30,
+    }
+    peak = peak_flops(device)
+    if peak:
+        # Generation is one forward per token (prompts and completions); learning is forward + backward
+        # (3 forwards) over the same tokens.
+        flops = result["flops_per_token"] * 4 * (median(tokens) + median(prompts))
+        summary["mfu"] = flops / step / peak
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--steps", type=int, default=2, help="steps per engine; the first is not reported")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    parser.add_argument("--only", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.only:
+        child(args)
+        return {}
+
+    device = pick_device(args.device)
+    set_threads(args.threads)
+    info = machine_info(device) | {"model": args.model, "device": device}
+    print_header("training-step benchmark", info)
+    passed = [
+        f"--{key.replace('_', '-')}={value}"
+        for key, value in vars(args).items()
+        if key not in ("only", "json")
+    ]
+    results: dict[str, Any] = {"info": info, "engines": []}
+    for name in ("ours", "trl"):
+        command = [sys.executable, "-m", "benchmarks.train_step", *passed, "--only", name]
+        process = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+        lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
+        for line in process.stdout.splitlines():
+            if not line.startswith(RESULT):
+                print(line)
+        if process.returncode or not lines:
+            raise RuntimeError(f"the {name} run failed (exit code {process.returncode})")
+        result = json.loads(lines[-1].removeprefix(RESULT))
+        if "skipped" in result:
+            print(f"{name}: skipped ({result['skipped']})")
+            continue
+        results["engines"].append(summarize(name, result, args, device))
+    print_table(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
+    info, engines = results["info"], results["engines"]
+    print(
+        f"\n{info['model']} ({info['device']}, {info['threads']} threads): {args.prompts} prompts x G={args.group_size}, "
+        f"<= {args.new_tokens} new tokens, micro-batch {args.micro_batch}; median of steps 2..{args.steps}"
+    )
+    mfu = any("mfu" in e for e in engines)
+    print(
+        "| engine | s/step | samples/s | completion tok/s | mean completion | peak memory |"
+        + (" MFU |" if mfu else "")
+    )
+    print("|---|---|---|---|---|---|" + ("---|" if mfu else ""))
+    for e in engines:
+        print(
+            f"| {e['engine']} | {e['s_per_step']:.1f} | {e['samples_per_s']:.2f} | {e['completion_tokens_per_s']:.1f} "
+            f"| {e['mean_completion_tokens']:.1f} | {e['peak_memory_gib']:.2f} GiB |"
+            + (f" {e['mfu']:.1%} |" if "mfu" in e else "")
+        )
+    if len(engines) == 2:
+        print(f"ours is {engines[1]['s_per_step'] / engines[0]['s_per_step']:.2f}x faster per step than TRL")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

