@@ -130,6 +130,15 @@ token_actions = (
     | st.tuples(st.just("text"), st.sampled_from(TEXTS))
     | st.tuples(st.just("raw"), st.sampled_from(ILLEGAL_ACTIONS + ODD_LEGAL_ACTIONS))
 )
+
+
+def with_early_steps(
+    steps: st.SearchStrategy[tuple[Any, ...]], episodes: st.SearchStrategy[list[tuple[Any, ...]]]
+) -> st.SearchStrategy[tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+    """(steps taken before the first reset, the rest): the tests put their seeded first reset between."""
+    return st.tuples(st.lists(steps, max_size=2), episodes)
+
+
 # Episodes of a reset and a few steps (steps past an episode's end included), flattened into one list.
 single_ops = st.lists(
     st.tuples(
@@ -139,6 +148,7 @@ single_ops = st.lists(
     min_size=1,
     max_size=8,
 ).map(lambda episodes: [op for reset, steps in episodes for op in (reset, *steps)])
+single_ops = with_early_steps(st.tuples(st.just("step"), token_actions), single_ops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,8 +432,9 @@ def fuzz(
 
 def test_fuzz_single_env(record_testsuite_property):
     def check(counts: Counter[str]) -> Callable[..., None]:
-        def body(config: dict[str, Any], first_seed: int, ops: list[tuple[Any, ...]]) -> None:
-            ops = [("reset", first_seed, None), *ops]  # a seeded first reset makes reruns comparable
+        def body(config: dict[str, Any], first_seed: int, drawn: tuple[list[Any], list[Any]]) -> None:
+            early, rest = drawn  # steps before any reset must be refused too
+            ops = [*early, ("reset", first_seed, None), *rest]  # a seeded first reset makes reruns comparable
             trajectory, calls = run_single(config, ops, counts)
             again, _ = run_single(config, ops, Counter())
             assert again == trajectory, "the same seed and calls gave another trajectory"
@@ -469,10 +480,10 @@ def vector_options(n: int) -> st.SearchStrategy[Any]:
     )
 
 
-def vector_ops(n: int) -> st.SearchStrategy[list[tuple[Any, ...]]]:
+def vector_ops(n: int) -> st.SearchStrategy[tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
     batch = st.lists(token_actions, min_size=n, max_size=n).map(lambda a: ("batch", a))
     malformed = st.sampled_from([("shape", n + 1), ("shape", 0), ("ragged",), ("scalar",)])
-    return st.lists(
+    episodes = st.lists(
         st.tuples(
             st.tuples(st.just("reset"), vector_seeds(n), vector_options(n)),
             st.lists(st.tuples(st.just("step"), batch | batch | malformed), max_size=8),
@@ -480,6 +491,7 @@ def vector_ops(n: int) -> st.SearchStrategy[list[tuple[Any, ...]]]:
         min_size=1,
         max_size=5,
     ).map(lambda episodes: [op for reset, steps in episodes for op in (reset, *steps)])
+    return with_early_steps(st.tuples(st.just("step"), batch | malformed), episodes)
 
 
 def malformed_batch(op: tuple[Any, ...], n: int) -> Any:
@@ -624,7 +636,8 @@ def run_vector(
 def test_fuzz_vector_env(record_testsuite_property):
     def check(counts: Counter[str]) -> Callable[..., None]:
         def body(n: int, config: dict[str, Any], first_seed: int, data: st.DataObject) -> None:
-            ops = [("reset", first_seed, None), *data.draw(vector_ops(n))]
+            early, rest = data.draw(vector_ops(n))
+            ops = [*early, ("reset", first_seed, None), *rest]
             trajectory, calls = run_vector(n, config, ops, counts)
             again, _ = run_vector(n, config, ops, Counter())
             assert again == trajectory, "the same seed and calls gave another trajectory"
@@ -663,6 +676,7 @@ routing_ops = st.lists(
     min_size=1,
     max_size=12,
 ).map(lambda episodes: [op for reset, steps in episodes for op in (reset, *steps)])
+routing_ops = with_early_steps(st.tuples(st.just("step"), st.sampled_from(ROUTING_LEGAL)), routing_ops)
 
 
 def make_routing(config: dict[str, Any], cache_dir: str) -> Any:
@@ -748,8 +762,9 @@ def test_fuzz_routing_env(record_testsuite_property, tmp_path):
     cache_dir = str(tmp_path / "routing")
 
     def check(counts: Counter[str]) -> Callable[..., None]:
-        def body(config: dict[str, Any], first_seed: int, ops: list[tuple[Any, ...]]) -> None:
-            ops = [("reset", first_seed, None), *ops]
+        def body(config: dict[str, Any], first_seed: int, drawn: tuple[list[Any], list[Any]]) -> None:
+            early, rest = drawn
+            ops = [*early, ("reset", first_seed, None), *rest]
             trajectory, calls = run_routing(config, ops, cache_dir, counts)
             again, _ = run_routing(config, ops, cache_dir, Counter())
             assert again == trajectory, "the same seed and calls gave another trajectory"
