@@ -44,7 +44,9 @@ class RunLog:
                 self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= start_step]
         samples = self.run_dir / "samples.jsonl"
         if samples.exists():  # a resumed run repeats the steps after its checkpoint: drop their old rows
-            kept = [line for line in samples.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
+            kept = [
+                line for line in samples.read_text().splitlines(keepends=True) if _step_of(line) <= start_step
+            ]
             samples.write_text("".join(kept))
         self.samples = samples.open("a")
         self.writer = None

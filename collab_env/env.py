@@ -353,7 +353,6 @@ class DeviceCloudEnv(_CoreViews, gym.Env[dict[str, np.ndarray], int]):
         self._ids = np.full(self._core.max_len, self._core.pad_id, dtype=np.int64)
         self._mask = np.zeros(self._core.max_len, dtype=np.int8)
 
-
     def _obs(self) -> dict[str, np.ndarray]:
         return {
             "input_ids": self._ids.copy(),
@@ -473,7 +472,6 @@ class DeviceCloudVectorEnv(_CoreViews, VectorEnv):
         self._mask = np.zeros((num_envs, self._core.max_len), dtype=np.int8)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
         self._split = self._core.config.split
-
 
     def _obs(self) -> dict[str, np.ndarray]:
         return {

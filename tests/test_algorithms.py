@@ -24,7 +24,9 @@ def test_gapg_weights_are_centred_and_divided_by_g_minus_one():
 def test_gapg_weights_equal_the_leave_one_out_baseline_over_g():
     rewards = torch.rand(5, 8)
     g = rewards.shape[1]
-    leave_one_out = torch.stack([rewards[:, i] - (rewards.sum(1) - rewards[:, i]) / (g - 1) for i in range(g)], 1)
+    leave_one_out = torch.stack(
+        [rewards[:, i] - (rewards.sum(1) - rewards[:, i]) / (g - 1) for i in range(g)], 1
+    )
     torch.testing.assert_close(gapg_weights(rewards), leave_one_out / g)  # (r_i - mean_{j!=i}) / G
 
 
@@ -64,7 +66,10 @@ def test_gapg_prompt_filter_sets_and_quota(rho, rule, order, set1, set2):
 
 
 def test_gapg_random_set2_order_draws_among_candidates():
-    drawn = {tuple(select_prompts(LOCAL, CLOUD, 0.5, "any_local_correct", "random", np.random.default_rng(s))[1]) for s in range(20)}
+    drawn = {
+        tuple(select_prompts(LOCAL, CLOUD, 0.5, "any_local_correct", "random", np.random.default_rng(s))[1])
+        for s in range(20)
+    }
     assert drawn == {(2,), (3,)}
 
 
@@ -75,7 +80,12 @@ def _rollout(rewards: torch.Tensor, local: torch.Tensor, cloud: torch.Tensor, le
     for i, k in enumerate(lengths):
         mask[i, :k] = 1
     infos = [
-        {"local_correct": bool(local.flatten()[i]), "cloud_correct": bool(cloud.flatten()[i]), "outcome": "x", "called_help": False}
+        {
+            "local_correct": bool(local.flatten()[i]),
+            "cloud_correct": bool(cloud.flatten()[i]),
+            "outcome": "x",
+            "called_help": False,
+        }
         for i in range(n)
     ]
     return Rollout(
@@ -99,7 +109,9 @@ def test_gapg_gradient_equals_the_paper_estimator_on_a_toy_policy():
     cloud = rewards == 0.3
     lengths = [2, 3, 1, 2, 2, 1, 3, 2, 1, 1, 2, 2]
     rollout = _rollout(rewards, local, cloud, lengths)
-    algorithm = GAPG(GAPGConfig(set2_order="first"), TrainConfig(), BudgetConfig(ratio=1.0), seed=0, max_new_tokens=8)
+    algorithm = GAPG(
+        GAPGConfig(set2_order="first"), TrainConfig(), BudgetConfig(ratio=1.0), seed=0, max_new_tokens=8
+    )
     batch, metrics = algorithm.prepare(rollout, step=1, policy=None, reference=None)
     assert metrics["gapg/set1"] == 1 and metrics["gapg/set2"] == 1  # prompt 0 (local), prompt 1 (cloud)
     theta = torch.randn(2, 3, requires_grad=True)  # a toy "policy": token log-probs are linear in theta
@@ -107,7 +119,9 @@ def test_gapg_gradient_equals_the_paper_estimator_on_a_toy_policy():
     token_logprobs = torch.einsum("nlk,sk->nls", features, theta).sum(-1)
     rows = [rollout.prompt_ids.index(p) for p in (0, 1)]
     chosen = torch.cat([torch.arange(r, r + 4) for r in rows])
-    loss = gapg_loss(token_logprobs[chosen] * batch.completion_mask, batch.extras["advantages"], batch.extras["coef"])
+    loss = gapg_loss(
+        token_logprobs[chosen] * batch.completion_mask, batch.extras["advantages"], batch.extras["coef"]
+    )
     (grad,) = torch.autograd.grad(loss, theta, retain_graph=True)
     expected = torch.zeros_like(theta)
     for p in (0, 1):
@@ -128,8 +142,12 @@ def test_gapg_refuses_several_epochs():
 def test_grpo_advantages_scale_by_std_and_dr_grpo_does_not():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     std = torch.tensor(0.5)  # unbiased std of [1, 0, 0, 0]
-    torch.testing.assert_close(grpo_advantages(rewards, True, 0.0), torch.tensor([[0.75, -0.25, -0.25, -0.25]]) / std)
-    torch.testing.assert_close(grpo_advantages(rewards, False, 1e-4), torch.tensor([[0.75, -0.25, -0.25, -0.25]]))
+    torch.testing.assert_close(
+        grpo_advantages(rewards, True, 0.0), torch.tensor([[0.75, -0.25, -0.25, -0.25]]) / std
+    )
+    torch.testing.assert_close(
+        grpo_advantages(rewards, False, 1e-4), torch.tensor([[0.75, -0.25, -0.25, -0.25]])
+    )
     # The paper's example (v3 App. C.1): [2.2, 0, ...] and [0.5, 0, ...] get the same top advantage under GRPO.
     a = grpo_advantages(torch.tensor([[2.2, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]), True, 0.0)
     torch.testing.assert_close(a[0], a[1])
@@ -137,7 +155,12 @@ def test_grpo_advantages_scale_by_std_and_dr_grpo_does_not():
 
 @pytest.mark.parametrize(("loss_type", "first_row"), [("grpo", 1 / (4 * 2)), ("dr_grpo", 1 / (4 * 8))])
 def test_grpo_loss_normalisers(loss_type, first_row):
-    rollout = _rollout(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), [2, 3, 1, 4])
+    rollout = _rollout(
+        torch.tensor([[1.0, 0.0, 0.0, 0.0]]),
+        torch.zeros(1, 4, dtype=torch.bool),
+        torch.zeros(1, 4, dtype=torch.bool),
+        [2, 3, 1, 4],
+    )
     algorithm = GRPO(GRPOConfig(loss_type=loss_type), TrainConfig(), BudgetConfig(), seed=0, max_new_tokens=8)
     batch, _ = algorithm.prepare(rollout, 1, None, None)
     coef = batch.extras["coef"]

@@ -15,14 +15,19 @@ def test_report_from_a_smoke_run(tmp_path):
     register_configs()
     methods = "[device_only,cloud_only,task_tuning,random_offload,oracle_router,gapg]"
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(config_name="evaluate", overrides=["experiment=smoke", f"evaluate.methods={methods}", "train.steps=2"])
+        cfg = compose(
+            config_name="evaluate",
+            overrides=["experiment=smoke", f"evaluate.methods={methods}", "train.steps=2"],
+        )
     report = evaluate(to_objects(cfg), tmp_path)
     text = report.read_text()
     for label in ("Device only", "Cloud only", "Task-tuning only", "random offload", "oracle router", "GAPG"):
         assert label in text
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     methods = results["methods"]
-    assert methods["cloud_only"]["metrics"]["accuracy"] == 1.0  # the simulated cloud is 98% accurate; these 16 are right
+    assert (
+        methods["cloud_only"]["metrics"]["accuracy"] == 1.0
+    )  # the simulated cloud is 98% accurate; these 16 are right
     assert methods["cloud_only"]["metrics"]["pgr"] == 1.0 and methods["device_only"]["metrics"]["pgr"] == 0.0
     cap = int(0.3 * results["context"]["num_prompts"])
     for name in ("random_offload", "oracle_router", "gapg"):
