@@ -445,20 +445,17 @@ def policy_act(model: Any, env: gym.Env, masked: bool) -> Act:
     return act
 
 
-def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
-    """Train `agent=sb3_ppo`, then evaluate greedily on held-out prompts under the test-time cap.
+def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Callable[[gym.Env], Act]:
+    """Train `agent=sb3_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
 
-    Writes SB3's progress.csv and TensorBoard logs, the model (sb3_model.zip) and final_metrics.json
-    to `run_dir`; returns `eval/` metrics (and `baseline/` routers on the routing env). `env_kwargs`
-    go to every routing env (e.g. precomputed `device_answers`)."""
+    Writes SB3's progress.csv and TensorBoard logs and the model (sb3_model.zip) to `run_dir`.
+    `env_kwargs` go to every routing env (e.g. precomputed `device_answers`)."""
     agent: SB3PPOConfig = run.agent
     require("stable_baselines3", "agent=sb3_ppo")
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.logger import configure
 
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = dataclasses.replace(run, device=resolve_device(run))
     with torch_threads(agent.num_threads):
         factory = make_env_factory(run, agent.env, agent.features, env_kwargs)
         vec_env = make_vec_env(factory, n_envs=agent.n_envs, seed=run.seed)
@@ -467,12 +464,17 @@ def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = Non
         model.learn(total_timesteps=agent.total_timesteps, progress_bar=run.train.progress)
         model.save(run_dir / "sb3_model.zip")
         vec_env.close()
-        metrics = evaluate(
-            run,
-            agent.env,
-            agent.features,
-            lambda env: policy_act(model, env, masked=agent.algo == "maskable_ppo"),
-            env_kwargs,
-        )
+    return lambda env: policy_act(model, env, masked=agent.algo == "maskable_ppo")
+
+
+def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train `agent=sb3_ppo` (`fit`), then evaluate greedily on held-out prompts under the test-time
+    cap; writes final_metrics.json to `run_dir` and returns `eval/` metrics (and `baseline/`
+    routers on the routing env)."""
+    run_dir = Path(run_dir)
+    run = dataclasses.replace(run, device=resolve_device(run))
+    act_for = fit(run, run_dir, env_kwargs)
+    with torch_threads(run.agent.num_threads):
+        metrics = evaluate(run, run.agent.env, run.agent.features, act_for, env_kwargs)
     write_metrics(run_dir, metrics)
     return metrics

@@ -23,6 +23,7 @@ on the device's answer, so an unmasked policy stays valid.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,12 +228,11 @@ def policy_act(policy: Any) -> Act:
     return act
 
 
-def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
-    """Train `agent=tianshou_ppo`, then evaluate greedily on held-out prompts under the test-time cap.
+def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Callable[[gym.Env], Act]:
+    """Train `agent=tianshou_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
 
-    Writes TensorBoard logs, the policy's weights (tianshou_policy.pt, a state dict of tensors) and
-    final_metrics.json to `run_dir`; returns `eval/` metrics (and `baseline/` routers on the routing
-    env). `env_kwargs` go to every routing env (e.g. precomputed `device_answers`)."""
+    Writes TensorBoard logs and the policy's weights (tianshou_policy.pt, a state dict of tensors) to
+    `run_dir`. `env_kwargs` go to every routing env (e.g. precomputed `device_answers`)."""
     agent: TianshouPPOConfig = run.agent
     require("tianshou", "agent=tianshou_ppo")
     from tianshou.data import Collector, CollectStats, VectorReplayBuffer
@@ -241,9 +241,7 @@ def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = Non
     from tianshou.utils import TensorboardLogger
     from torch.utils.tensorboard import SummaryWriter
 
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = dataclasses.replace(run, device=resolve_device(run))
     with torch_threads(agent.num_threads):
         torch.manual_seed(run.seed)
         make_env = make_env_factory(run, agent.env, agent.features, env_kwargs)
@@ -272,8 +270,17 @@ def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = Non
         train_envs.close()
         torch.save(algorithm.policy.state_dict(), run_dir / "tianshou_policy.pt")
         algorithm.policy.eval()
-        metrics = evaluate(
-            run, agent.env, agent.features, lambda env: policy_act(algorithm.policy), env_kwargs
-        )
+    return lambda env: policy_act(algorithm.policy)
+
+
+def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train `agent=tianshou_ppo` (`fit`), then evaluate greedily on held-out prompts under the
+    test-time cap; writes final_metrics.json to `run_dir` and returns `eval/` metrics (and
+    `baseline/` routers on the routing env)."""
+    run_dir = Path(run_dir)
+    run = dataclasses.replace(run, device=resolve_device(run))
+    act_for = fit(run, run_dir, env_kwargs)
+    with torch_threads(run.agent.num_threads):
+        metrics = evaluate(run, run.agent.env, run.agent.features, act_for, env_kwargs)
     write_metrics(run_dir, metrics)
     return metrics

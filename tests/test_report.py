@@ -13,7 +13,7 @@ from agents.evaluate import evaluate
 
 def test_report_from_a_smoke_run(tmp_path):
     register_configs()
-    methods = "[device_only,cloud_only,task_tuning,random_offload,oracle_router,gapg]"
+    methods = "[device_only,cloud_only,task_tuning,random_offload,oracle_router,sb3_router,tianshou_router,gapg]"
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
         cfg = compose(
             config_name="evaluate",
@@ -21,7 +21,8 @@ def test_report_from_a_smoke_run(tmp_path):
         )
     report = evaluate(to_objects(cfg), tmp_path)
     text = report.read_text()
-    for label in ("Device only", "Cloud only", "Task-tuning only", "random offload", "oracle router", "GAPG"):
+    labels = ("Device only", "Cloud only", "Task-tuning only", "random offload", "oracle router", "SB3", "Tianshou", "GAPG")
+    for label in labels:
         assert label in text
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     methods = results["methods"]
@@ -30,10 +31,15 @@ def test_report_from_a_smoke_run(tmp_path):
     )  # the simulated cloud is 98% accurate; these 16 are right
     assert methods["cloud_only"]["metrics"]["pgr"] == 1.0 and methods["device_only"]["metrics"]["pgr"] == 0.0
     cap = int(0.3 * results["context"]["num_prompts"])
-    for name in ("random_offload", "oracle_router", "gapg"):
+    for name in ("random_offload", "oracle_router", "sb3_router", "tianshou_router", "gapg"):
         assert methods[name]["metrics"]["cloud_rate"] * results["context"]["num_prompts"] <= cap
     assert len(methods["random_offload"]["curve"]) == 19 and "apgr" in methods["random_offload"]["metrics"]
     assert (tmp_path / "report" / "pareto.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
     assert (tmp_path / "runs" / "gapg-answer_tags" / "seed0" / "metrics.csv").exists()
     assert (tmp_path / "runs" / "grpo-plain" / "seed0" / "metrics.csv").exists()
+    assert (tmp_path / "runs" / "sb3_ppo-routing" / "seed0" / "sb3_model.zip").exists()
+    # the learned routers route the task-tuned device's own answers: under the same cap none can
+    # beat the oracle router, which sends exactly the prompts that device gets wrong
+    for name in ("sb3_router", "tianshou_router"):
+        assert methods[name]["metrics"]["accuracy"] <= methods["oracle_router"]["metrics"]["accuracy"]

@@ -13,6 +13,7 @@ that a rho/(1+rho) share of them would go to the cloud (paper-spec section 6, op
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -118,3 +119,57 @@ def prompt_router(ctx: EvalContext) -> MethodResult:
         "router/threshold": threshold,
     }
     return MethodResult("prompt_router", "Task-tuning + prompt router", infos, curve, extra=extra)
+
+
+def routing_device_answers(ctx: EvalContext) -> dict[int, str]:
+    """The task-tuned device's answer to every prompt of both splits, as `DeviceCloudRouting-v0`'s
+    `device_answers`: each a short completion stating the answer in the template's format (the routing
+    env grades the answer only, so this scores exactly as the device's own completion did)."""
+    task = ctx.env(budget=BudgetConfig(mode="none")).unwrapped.task
+    answers = {}
+    for split in ("train", "test"):
+        ids = [p.id for p in task.problems(split)]
+        for info in tuned_local(ctx, split, ids):
+            answer = info["local_answer"]
+            answers[info["prompt_id"]] = "" if answer is None else task.template.render_answer(answer)
+    return answers
+
+
+def learned_router(
+    ctx: EvalContext, name: str, module_name: str, agent_name: str, label: str
+) -> MethodResult:
+    """Task-tuning + a PPO router trained on `DeviceCloudRouting-v0` by an external RL library.
+
+    The routing env holds the task-tuned device's answers, so the router learns from the rewards of
+    routing that device's prompts (training split, MiniLM features); it is then run greedily on the
+    held-out prompts under the test-time cap. Its run lives in `runs/<agent>-routing/seed<seed>/`.
+    """
+    import importlib
+
+    from agents.config import AGENT_CONFIGS
+    from agents.sb3 import make_eval_env, run_episodes
+
+    module = importlib.import_module(module_name)  # registers the agent's config
+    run = dataclasses.replace(ctx.run, agent=AGENT_CONFIGS[agent_name]())
+    env_kwargs = {"device_answers": ctx.memo("routing-answers", lambda: routing_device_answers(ctx))}
+    run_dir = ctx.experiment_dir / "runs" / f"{agent_name}-routing" / f"seed{run.seed}"
+    print(f"[evaluate] training the {agent_name} router in {run_dir}", flush=True)
+    act_for = module.fit(run, run_dir, env_kwargs)
+    env = make_eval_env(run, "routing", run.agent.features, len(ctx.prompt_ids), env_kwargs)
+    rewards, infos = run_episodes(env, act_for(env), ctx.prompt_ids)
+    env.close()
+    return MethodResult(name, label, infos, extra={"router/mean_reward": float(np.mean(rewards))})
+
+
+@method("sb3_router")
+def sb3_router(ctx: EvalContext) -> MethodResult:
+    """Task-tuning + a Stable-Baselines3 PPO router on the routing env."""
+    return learned_router(ctx, "sb3_router", "agents.sb3", "sb3_ppo", "Task-tuning + SB3 PPO router")
+
+
+@method("tianshou_router")
+def tianshou_router(ctx: EvalContext) -> MethodResult:
+    """Task-tuning + a Tianshou PPO router on the routing env."""
+    return learned_router(
+        ctx, "tianshou_router", "agents.tianshou", "tianshou_ppo", "Task-tuning + Tianshou PPO router"
+    )
