@@ -13,7 +13,9 @@ from agents.evaluate import evaluate
 
 def test_report_from_a_smoke_run(tmp_path):
     register_configs()
-    methods = "[device_only,cloud_only,task_tuning,random_offload,oracle_router,sb3_router,tianshou_router,gapg]"
+    methods = (
+        "[device_only,cloud_only,task_tuning,random_offload,oracle_router,sb3_router,tianshou_router,gapg]"
+    )
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
         cfg = compose(
             config_name="evaluate",
@@ -21,7 +23,16 @@ def test_report_from_a_smoke_run(tmp_path):
         )
     report = evaluate(to_objects(cfg), tmp_path)
     text = report.read_text()
-    labels = ("Device only", "Cloud only", "Task-tuning only", "random offload", "oracle router", "SB3", "Tianshou", "GAPG")
+    labels = (
+        "Device only",
+        "Cloud only",
+        "Task-tuning only",
+        "random offload",
+        "oracle router",
+        "SB3",
+        "Tianshou",
+        "GAPG",
+    )
     for label in labels:
         assert label in text
     results = json.loads((tmp_path / "report" / "results.json").read_text())
