@@ -43,12 +43,12 @@ from transformers import DynamicCache
 
 import collab_env  # noqa: F401  (registers DeviceCloud-v0)
 from collab_env.config import DeviceConfig, TaskConfig, check_range, coerce
-from collab_env.errors import ConfigError
+from collab_env.errors import ConfigError, unknown_name
 from collab_env.models import load_tokenizer, tiny_llama_config
 from collab_env.paths import cache_dir
 from collab_env.tasks import HELP_MARKER, TEMPLATES, Problem
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Part of the cache key of built models: bump it when a change here changes what a recipe builds."""
 
 _WARMUP_FRACTION = 0.05
@@ -78,8 +78,15 @@ class TinyArithRecipe:
     Templates without the help option (plain) get no markers."""
     seed: int = 0
     """Seed of the example draws (the initial weights use device.seed)."""
+    extra_templates: list[str] = field(default_factory=lambda: ["plain"])
+    """Prompt templates it also learns from, besides the task's own; each step draws its batch from one
+    of them in turn. The task-tuning baselines prompt with `plain` (no help option), and a model this
+    small does not carry what it learnt under one system prompt over to another."""
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.extra_templates) - set(TEMPLATES))
+        if unknown:
+            raise unknown_name("template", unknown[0], TEMPLATES, field="device.recipe.extra_templates")
         if self.levels is not None and not self.levels:
             raise ConfigError(
                 "device.recipe.levels=[] trains on nothing: list some levels or use null for all."
@@ -218,6 +225,24 @@ class SupervisedData:
         return Batch(prefix, input_ids, labels, [self.levels[i] for i in picks], markers.tolist())
 
 
+class TemplateMix:
+    """Examples of the same problems under several prompt templates; a batch comes from one of them
+    (each template has its own shared prefix), the templates taking turns step by step."""
+
+    def __init__(self, sources: list[SupervisedData]) -> None:
+        self.sources = sources
+        self.vocab_size = sources[0].vocab_size
+        self._turn = 0
+
+    def token_ids(self) -> list[int]:
+        return sorted(set().union(*(source.token_ids() for source in self.sources)))
+
+    def draw(self, size: int, rng: np.random.Generator) -> Batch:
+        source = self.sources[self._turn % len(self.sources)]
+        self._turn += 1
+        return source.draw(size, rng)
+
+
 def _common_prefix_len(prompts: list[list[int]]) -> int:
     """Length of the start all prompts share, leaving at least one token of each prompt to its row."""
     first = prompts[0]
@@ -304,7 +329,7 @@ def completion_loss(model: Any, batch: Batch, log_zero_rows: float | None = None
 
 def fit(
     model: Any,
-    data: SupervisedData,
+    data: SupervisedData | TemplateMix,
     steps: int,
     batch_size: int,
     lr: float,
@@ -356,7 +381,6 @@ def fit(
 def tiny_arith_spec(device: DeviceConfig, task: TaskConfig) -> dict[str, Any]:
     """Everything a built tiny-arith model depends on; its hash names the cache directory."""
     recipe = coerce(TinyArithRecipe, device.recipe, "device.recipe")
-    template = TEMPLATES[task.template]
     return {
         "version": BUILD_VERSION,
         "recipe": dataclasses.asdict(recipe),
@@ -369,12 +393,20 @@ def tiny_arith_spec(device: DeviceConfig, task: TaskConfig) -> dict[str, Any]:
         },
         # Every task setting: num_test too, since arithmetic draws its test prompts before its training ones.
         "task": dataclasses.asdict(task),
-        "template": {
-            "messages": template.messages("{question}", task.max_steps),
-            "answer": template.render_answer("{answer}"),
-            "marker": HELP_MARKER,
-        },
+        "templates": [
+            {
+                "messages": TEMPLATES[name].messages("{question}", task.max_steps),
+                "answer": TEMPLATES[name].render_answer("{answer}"),
+                "marker": HELP_MARKER,
+            }
+            for name in _templates(task, recipe)
+        ],
     }
+
+
+def _templates(task: TaskConfig, recipe: TinyArithRecipe) -> list[str]:
+    """The task's own template, then the recipe's extra ones (each once)."""
+    return list(dict.fromkeys([task.template, *recipe.extra_templates]))
 
 
 def tiny_arith_dir(device: DeviceConfig, task: TaskConfig) -> Path:
@@ -400,9 +432,12 @@ def build_tiny_arith(device: DeviceConfig, task: TaskConfig, target: Path) -> di
     recipe = TinyArithRecipe(**spec["recipe"])
     started, cpu_started = time.perf_counter(), time.process_time()
     tokenizer_device = DeviceConfig(name="smollm2")  # SmolLM2's tokenizer keeps the env's defaults
-    env = prompt_env(task, tokenizer_device)
-    problems = training_problems(env.unwrapped.task, recipe.levels, "device.recipe.levels")
-    data = SupervisedData(env, problems, recipe.marker_fraction)
+    envs = [
+        prompt_env(dataclasses.replace(task, template=name), tokenizer_device)
+        for name in _templates(task, recipe)
+    ]
+    problems = training_problems(envs[0].unwrapped.task, recipe.levels, "device.recipe.levels")
+    data = TemplateMix([SupervisedData(env, problems, recipe.marker_fraction) for env in envs])
     tokenizer = load_tokenizer(tokenizer_device)
     vocabulary = CompactVocabulary.of(data.token_ids(), data.vocab_size)
     torch.manual_seed(device.seed)
@@ -436,7 +471,8 @@ def build_tiny_arith(device: DeviceConfig, task: TaskConfig, target: Path) -> di
     # recipe.json is written last: its presence marks a complete directory.
     (tmp / "recipe.json").write_text(json.dumps(record, indent=1))
     _publish(tmp, target)
-    env.close()
+    for env in envs:
+        env.close()
     _note(f"built tiny-arith in {record['build']['seconds']:.0f} s, final loss {losses[-1]:.3f}")
     return record
 

@@ -50,6 +50,8 @@ def test_recipe_rejects_unknown_keys_and_bad_values(cache):
         warmup.ensure_tiny_arith(tiny(marker_fraction=1.5), TASK)
     with pytest.raises(ConfigError, match=r"device.recipe.levels.*no level\(s\) \['add4'\]"):
         warmup.ensure_tiny_arith(tiny(levels=["add2", "add4"]), TASK)
+    with pytest.raises(ConfigError, match=r"device.recipe.extra_templates.*answer_tags"):
+        warmup.ensure_tiny_arith(tiny(extra_templates=["boxed"]), TASK)
     assert not list((cache / "models").glob("tiny-arith-*"))
 
 
