@@ -118,58 +118,26 @@ def greedy_completions(
     (`start()` gives a fresh `CompletionState`, e.g. `DeviceCloudEnv.start_completion`) or at
     `max_new_tokens`; the stopping token is kept, so `EpisodeScorer.run` reads it as the env would."""
     import torch
-    from transformers import DynamicCache
 
-    device = next(model.parameters()).device
+    from collab_env.decoding import DecodeRequest, decode_dynamic
+
     completions: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    with torch.inference_mode():
-        for first in range(0, len(order), batch_size):
-            rows = order[first : first + batch_size]
-            width = max(len(prompts[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(rows):
-                input_ids[j, width - len(prompts[i]) :] = torch.as_tensor(prompts[i], dtype=torch.long)
-                attention[j, width - len(prompts[i]) :] = 1
-            input_ids, attention = input_ids.to(device), attention.to(device)
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache()
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            next_position = positions[:, -1] + 1
-            live = list(range(len(rows)))  # positions in `rows` of the rows still generating
-            states = [start() for _ in rows]
-            for _ in range(max_new_tokens):
-                tokens = out.logits[:, -1, :vocab_size].argmax(dim=-1)
-                keep = []
-                for j, token in enumerate(tokens.tolist()):
-                    completion = completions[rows[live[j]]]
-                    completion.append(token)
-                    if states[live[j]].feed(token) is None and len(completion) < max_new_tokens:
-                        keep.append(j)
-                if not keep:
-                    break
-                if len(keep) < len(live):
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    tokens, attention, next_position = tokens[index], attention[index], next_position[index]
-                    live = [live[j] for j in keep]
-                attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
-                out = model(
-                    input_ids=tokens[:, None],
-                    attention_mask=attention,
-                    position_ids=next_position[:, None],
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                next_position = next_position + 1
+    for first in range(0, len(order), batch_size):
+        rows = order[first : first + batch_size]
+        request = DecodeRequest(
+            prompts=[prompts[i] for i in rows],
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            greedy=True,
+            generator=torch.Generator(),
+            vocab=vocab_size,
+            start_state=start,
+            pad_id=pad_id,
+        )
+        for i, completion in zip(rows, decode_dynamic(model, request).completions, strict=True):
+            completions[i] = completion
     return completions
 
 

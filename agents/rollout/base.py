@@ -16,14 +16,7 @@ import torch
 
 from agents.config import RolloutConfig
 from agents.policy import Policy
-
-
-@dataclass
-class Generation:
-    """Raw completions: token ids per sequence (stop token included) and their sampling log-probs."""
-
-    completions: list[list[int]]
-    logprobs: list[list[float]]
+from collab_env.decoding import Generation
 
 
 @dataclass
