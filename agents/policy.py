@@ -1,8 +1,9 @@
 """A causal LM as a policy over tokens: log-probabilities of completions, optional value head.
 
 Sequences are laid out as [left-padded prompt | right-padded completion], so every completion
-starts at the same column `prompt_len`; only the logits of completion positions are computed
-(`logits_to_keep`), which matters when prompts are long and the vocabulary is large.
+starts at the same column `prompt_len`; only the logits of completion positions are computed,
+which matters when prompts are long and the vocabulary is large, and the prompt start that all
+rows share is computed once.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from collab_env.config import DeviceConfig
 from collab_env.errors import DependencyNotInstalled
 from collab_env.models import load_model, load_tokenizer
+
+SHARED_PREFIX_MIN = 8
+"""A shared prompt start shorter than this is recomputed per row (not worth a second model call)."""
 
 
 def pick_device(name: str) -> str:
@@ -93,17 +98,14 @@ class Policy(nn.Module):
         completion_len: int,
         with_entropy: bool = False,
     ) -> PolicyOutput:
-        """Scores the last `completion_len` tokens of each row given everything before them."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=completion_len + 1,
-            output_hidden_states=self.value_head is not None,
-            use_cache=False,
-        )
-        logits = out.logits[:, :-1, : self.vocab_size].float()
+        """Scores the last `completion_len` tokens of each row given everything before them.
+
+        The prompt start all rows share (chat template and system prompt: most of a short prompt)
+        goes through the model once and its keys and values serve every row; gradients flow through
+        it as through any other position, so this is the full forward, computed with fewer tokens.
+        """
+        hidden = self._completion_hidden(input_ids, attention_mask, completion_len)
+        logits = self.model.get_output_embeddings()(hidden)[..., : self.vocab_size].float()
         targets = input_ids[:, -completion_len:]
         log_norm = torch.logsumexp(logits, dim=-1)
         logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
@@ -113,9 +115,53 @@ class Policy(nn.Module):
             entropy = log_norm - (probs * logits).sum(-1)
         values = None
         if self.value_head is not None:
-            hidden = out.hidden_states[-1][:, -completion_len - 1 : -1].float()
-            values = self.value_head(hidden).squeeze(-1)
+            values = self.value_head(hidden.float()).squeeze(-1)
         return PolicyOutput(logprobs, entropy, values)
+
+    def _completion_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
+    ) -> torch.Tensor:
+        """Final hidden states of the positions that predict the completion tokens (N, Lc, hidden)."""
+        decoder = self.model.get_decoder()
+        rows, prompt_width = len(input_ids), input_ids.shape[1] - completion_len
+        lengths = attention_mask[:, :prompt_width].sum(dim=1)
+        starts = prompt_width - lengths  # prompts are left-padded: row i's starts at column starts[i]
+        prefix = self._shared_prefix_len(input_ids, starts, int(lengths.min()))
+        cache = None
+        if prefix:
+            cache = DynamicCache()
+            first = int(starts[0])
+            decoder(input_ids=input_ids[:1, first : first + prefix], past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(rows)
+            # Keep the columns from where the longest prompt's own part begins; in shorter rows the
+            # first of them still hold (a copy of) the shared prefix or padding, which is masked out.
+            cut = prompt_width - (int(lengths.max()) - prefix)
+            columns = torch.arange(cut, input_ids.shape[1], device=input_ids.device)
+            own = (columns[None] >= (starts + prefix)[:, None]).to(attention_mask.dtype) * attention_mask[
+                :, cut:
+            ]
+            input_ids = input_ids[:, cut:]
+            attention_mask = torch.cat([attention_mask.new_ones((rows, prefix)), own], dim=1)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prefix:]
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state[:, -completion_len - 1 : -1]
+
+    def _shared_prefix_len(self, input_ids: torch.Tensor, starts: torch.Tensor, shortest: int) -> int:
+        """Tokens at the start of every row's prompt that all rows share (at least one prompt token of
+        each row stays its own), or 0 when sharing does not pay or cannot be used."""
+        if len(input_ids) < 2 or shortest < 2 or getattr(self.model, "is_gradient_checkpointing", False):
+            return 0  # gradient checkpointing drops the cache the prefix would live in
+        offsets = torch.arange(shortest - 1, device=input_ids.device)
+        tokens = input_ids.gather(1, starts[:, None] + offsets[None])
+        same = (tokens == tokens[:1]).all(dim=0).long()
+        length = int(same.cumprod(dim=0).sum())
+        return length if length >= SHARED_PREFIX_MIN else 0
 
     def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the next token after each (right-padded) row, without a cache (for env stepping)."""
