@@ -35,9 +35,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import collab_env  # noqa: F401  (registers the environments)
+from agents.checkpoint import trainable_tensors
 from agents.config import RunConfig, register_agent
 from agents.evaluation import summarize
 from agents.policy import pick_device
@@ -448,7 +450,8 @@ def policy_act(model: Any, env: gym.Env, masked: bool) -> Act:
 def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Callable[[gym.Env], Act]:
     """Train `agent=sb3_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
 
-    Writes SB3's progress.csv and TensorBoard logs and the model (sb3_model.zip) to `run_dir`.
+    Writes SB3's progress.csv and TensorBoard logs and the policy's weights (sb3_policy.safetensors;
+    not SB3's own zip, which pickles Python objects) to `run_dir`.
     `env_kwargs` go to every routing env (e.g. precomputed `device_answers`)."""
     agent: SB3PPOConfig = run.agent
     require("stable_baselines3", "agent=sb3_ppo")
@@ -462,7 +465,7 @@ def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None)
         model = build_model(run, vec_env)
         model.set_logger(configure(str(run_dir), ["csv", "tensorboard"]))
         model.learn(total_timesteps=agent.total_timesteps, progress_bar=run.train.progress)
-        model.save(run_dir / "sb3_model.zip")
+        save_file(trainable_tensors(model.policy), str(run_dir / "sb3_policy.safetensors"))
         vec_env.close()
     return lambda env: policy_act(model, env, masked=agent.algo == "maskable_ppo")
 

@@ -31,8 +31,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from agents.checkpoint import trainable_tensors
 from agents.config import RunConfig, register_agent
 from agents.policy import pick_device
 from agents.sb3 import (
@@ -231,7 +233,7 @@ def policy_act(policy: Any) -> Act:
 def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Callable[[gym.Env], Act]:
     """Train `agent=tianshou_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
 
-    Writes TensorBoard logs and the policy's weights (tianshou_policy.pt, a state dict of tensors) to
+    Writes TensorBoard logs and the policy's weights (tianshou_policy.safetensors) to
     `run_dir`. `env_kwargs` go to every routing env (e.g. precomputed `device_answers`)."""
     agent: TianshouPPOConfig = run.agent
     require("tianshou", "agent=tianshou_ppo")
@@ -268,7 +270,7 @@ def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None)
         )
         writer.close()
         train_envs.close()
-        torch.save(algorithm.policy.state_dict(), run_dir / "tianshou_policy.pt")
+        save_file(trainable_tensors(algorithm.policy), str(run_dir / "tianshou_policy.safetensors"))
         algorithm.policy.eval()
     return lambda env: policy_act(algorithm.policy)
 

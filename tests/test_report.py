@@ -49,7 +49,7 @@ def test_report_from_a_smoke_run(tmp_path):
     assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
     assert (tmp_path / "runs" / "gapg-answer_tags" / "seed0" / "metrics.csv").exists()
     assert (tmp_path / "runs" / "grpo-plain" / "seed0" / "metrics.csv").exists()
-    assert (tmp_path / "runs" / "sb3_ppo-routing" / "seed0" / "sb3_model.zip").exists()
+    assert (tmp_path / "runs" / "sb3_ppo-routing" / "seed0" / "sb3_policy.safetensors").exists()
     # the learned routers route the task-tuned device's own answers: under the same cap none can
     # beat the oracle router, which sends exactly the prompts that device gets wrong
     for name in ("sb3_router", "tianshou_router"):

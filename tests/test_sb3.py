@@ -46,7 +46,9 @@ def test_ppo_learns_to_route_better_than_random_on_held_out_prompts(algo, tmp_pa
     assert metrics["eval/reward"] <= metrics["baseline/oracle/reward"] + 1e-9
     saved = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert saved["eval/reward"] == metrics["eval/reward"]
-    assert (tmp_path / "run" / "progress.csv").is_file() and (tmp_path / "run" / "sb3_model.zip").is_file()
+    assert (tmp_path / "run" / "progress.csv").is_file() and (
+        tmp_path / "run" / "sb3_policy.safetensors"
+    ).is_file()
 
 
 def test_lm_policy_trains_on_the_token_env_with_int64_ids(make_env, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from agents.config import RunConfig, TrainConfig
 from agents.sb3 import torch_threads
@@ -41,7 +42,7 @@ def test_ppo_learns_to_route_better_than_random_on_held_out_prompts(tmp_path):
     assert metrics["eval/cloud_rate"] <= 0.3
     saved = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert saved["eval/reward"] == metrics["eval/reward"]
-    state = torch.load(tmp_path / "run" / "tianshou_policy.pt", weights_only=True)
+    state = load_file(tmp_path / "run" / "tianshou_policy.safetensors")
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
