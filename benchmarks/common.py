@@ -6,6 +6,7 @@ side by side, interleaved where it can, and reports ratios next to the absolute 
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -192,3 +193,28 @@ def train_prompt_ids(env: Any, count: int) -> list[int]:
     """The first `count` training prompts of the env's task (the same for every engine)."""
     problems = env.unwrapped.task.problems("train")
     return [p.id for p in problems[:count]]
+
+
+def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark shares: model, device, G, new tokens, threads and a JSON copy."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    parser.add_argument("--json", help="also write the results to this file")
+    return parser
+
+
+def benchmark_policy(args: argparse.Namespace, title: str) -> tuple[str, Any, DeviceConfig, dict[str, Any]]:
+    """Device, policy, its DeviceConfig and the machine info of a run, with the header printed."""
+    from agents.policy import Policy
+
+    device = pick_device(args.device)
+    set_threads(args.threads)
+    model, tokenizer, config = load_policy_model(MODELS[args.model], device)
+    policy = Policy(model, tokenizer)
+    info = machine_info(device) | {"model": args.model, "dtype": str(policy.dtype), "device": device}
+    print_header(title, info)
+    return device, policy, config, info

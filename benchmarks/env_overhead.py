@@ -17,7 +17,6 @@ Rounds after a warm-up round are summed; the share is of the rollout's wall time
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -32,15 +31,10 @@ import gymnasium as gym
 
 import collab_env  # noqa: F401  (registers DeviceCloud-v0)
 from agents.config import RolloutConfig
-from agents.policy import Policy
 from agents.rollout import hf
 from benchmarks.common import (
-    MODELS,
-    load_policy_model,
-    machine_info,
-    pick_device,
-    print_header,
-    set_threads,
+    benchmark_parser,
+    benchmark_policy,
     timed,
     train_prompt_ids,
 )
@@ -80,25 +74,13 @@ def stopwatch(targets: list[tuple[Any, str, str]], seconds: dict[str, float]) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
-    parser.add_argument("--device", default="auto")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
-    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up round)")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
-    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
-    set_threads(args.threads)
-    model, tokenizer, device_config = load_policy_model(MODELS[args.model], device)
-    policy = Policy(model, tokenizer)
-    info = machine_info(device) | {"model": args.model, "dtype": str(policy.dtype), "device": device}
-    print_header("env overhead benchmark", info)
+    device, policy, device_config, info = benchmark_policy(args, "env overhead benchmark")
+    model = policy.model
     env = gym.make(
         "DeviceCloud-v0",
         device=device_config,

@@ -32,15 +32,11 @@ from agents.config import RolloutConfig
 from agents.policy import Policy
 from agents.rollout.hf import DecodeRequest, HFRollout, decode_dynamic
 from benchmarks.common import (
-    MODELS,
+    benchmark_parser,
+    benchmark_policy,
     forward_flops_per_token,
-    load_policy_model,
-    machine_info,
     median,
     peak_flops,
-    pick_device,
-    print_header,
-    set_threads,
     timed,
     train_prompt_ids,
 )
@@ -170,28 +166,16 @@ def engines(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
-    parser.add_argument("--device", default="auto")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
-    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds per batch size")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     parser.add_argument("--generic", action="store_true", help="also time our generic (DynamicCache) path")
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--no-vllm", action="store_true")
-    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
-    set_threads(args.threads)
-    model, tokenizer, device_config = load_policy_model(MODELS[args.model], device)
-    policy = Policy(model, tokenizer)
-    info = machine_info(device) | {"model": args.model, "dtype": str(policy.dtype), "device": device}
-    print_header("rollout benchmark", info)
+    device, policy, device_config, info = benchmark_policy(args, "rollout benchmark")
+    model = policy.model
     env = gym.make(
         "DeviceCloud-v0", device=device_config, cloud={"name": "simulated", "cache_path": ":memory:"}
     )

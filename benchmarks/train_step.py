@@ -32,6 +32,7 @@ import torch
 
 from benchmarks.common import (
     MODELS,
+    benchmark_parser,
     device_config,
     forward_flops_per_token,
     load_policy_model,
@@ -277,20 +278,12 @@ def summarize(name: str, result: dict[str, Any], args: argparse.Namespace, devic
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
-    parser.add_argument("--device", default="auto")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--steps", type=int, default=2, help="steps per engine; the first is not reported")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     parser.add_argument("--only", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.only:
         child(args)
