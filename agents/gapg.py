@@ -45,6 +45,10 @@ class GAPGConfig(AgentConfig):
     """rho of the filter; null uses budget.ratio (the paper: "the filtering ratio inherits from the constraint")."""
     filtering: bool = True
     """False learns from every prompt (the filtering-off ablation, v3 App. A.1.3)."""
+    scale_by_std: bool = False
+    """Divide each group's weights by its reward std, as GRPO does. Not the paper's GAPG (off by
+    default): a variant for small devices, where a useful call on an unsolved prompt otherwise earns
+    far less than a call on a solved prompt loses (docs/gapg_vs_grpo.md)."""
 
     def __post_init__(self) -> None:
         if self.set1_rule not in SET1_RULES:
@@ -62,10 +66,12 @@ class GAPGConfig(AgentConfig):
             )
 
 
-def gapg_weights(rewards: torch.Tensor) -> torch.Tensor:
-    """(prompts, G) -> (r_i - mean_j r_j) / (G - 1): the per-sample weight of grad log pi in v3 eq. 2."""
+def gapg_weights(rewards: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
+    """(prompts, G) -> (r_i - mean_j r_j) / (G - 1): the per-sample weight of grad log pi in v3 eq. 2;
+    with `scale_by_std`, further divided by the group's reward std (+1e-4)."""
     group_size = rewards.shape[-1]
-    return (rewards - rewards.mean(dim=-1, keepdim=True)) / (group_size - 1)
+    weights = (rewards - rewards.mean(dim=-1, keepdim=True)) / (group_size - 1)
+    return weights / (rewards.std(dim=-1, keepdim=True) + 1e-4) if scale_by_std else weights
 
 
 def select_prompts(
@@ -125,7 +131,7 @@ class GAPG(Algorithm):
         chosen = sorted(set1 + set2)
         if not chosen:
             return None, metrics
-        weights = gapg_weights(rewards)[chosen].flatten()
+        weights = gapg_weights(rewards, config.scale_by_std)[chosen].flatten()
         rows = torch.cat([torch.arange(p * rollout.group_size, (p + 1) * rollout.group_size) for p in chosen])
         batch = rollout.select(rows)
         batch.extras["advantages"] = weights[:, None] * batch.completion_mask

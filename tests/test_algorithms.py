@@ -19,6 +19,10 @@ def test_gapg_weights_are_centred_and_divided_by_g_minus_one():
     rewards = torch.tensor([[1.0, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]])
     expected = torch.tensor([[0.675, -0.325, -0.025, -0.325], [0.0, 0.0, 0.0, 0.0]]) / 3
     torch.testing.assert_close(gapg_weights(rewards), expected)
+    # The std-scaled variant: the first group's sample std is 0.4717 (unbiased); the second stays 0.
+    std = torch.tensor([0.675**2 + 0.325**2 + 0.025**2 + 0.325**2]).div(3).sqrt()
+    torch.testing.assert_close(gapg_weights(rewards, scale_by_std=True)[0], expected[0] / (std + 1e-4))
+    assert torch.equal(gapg_weights(rewards, scale_by_std=True)[1], torch.zeros(4))
 
 
 def test_gapg_weights_equal_the_leave_one_out_baseline_over_g():
