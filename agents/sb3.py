@@ -43,7 +43,7 @@ from agents.checkpoint import trainable_tensors
 from agents.config import RunConfig, register_agent
 from agents.evaluation import summarize
 from agents.policy import pick_device
-from agents.trainer import make_train_env, resolve_device
+from agents.trainer import env_arguments, make_train_env, resolve_device
 from collab_env.config import BudgetConfig
 from collab_env.errors import ConfigError, DependencyNotInstalled, unknown_name
 from collab_env.models import load_model
@@ -156,18 +156,7 @@ def make_routing_env(
     """`DeviceCloudRouting-v0` with the run's task, device, cloud, reward and env settings;
     `env_kwargs` adds routing-env arguments (e.g. precomputed `device_answers`, `cache_dir`)."""
     return gym.make(
-        "DeviceCloudRouting-v0",
-        task=run.task,
-        device=run.device,
-        cloud=run.cloud,
-        budget=budget or run.budget,
-        reward=run.env.reward,
-        max_new_tokens=run.env.max_new_tokens,
-        max_prompt_tokens=run.env.max_prompt_tokens,
-        marker_match=run.env.marker_match,
-        split=split,
-        features=features,
-        **(env_kwargs or {}),
+        "DeviceCloudRouting-v0", **env_arguments(run, budget, split), features=features, **(env_kwargs or {})
     )
 
 

@@ -37,19 +37,23 @@ def resolve_device(run: RunConfig) -> DeviceConfig:
     return run.device
 
 
+def env_arguments(run: RunConfig, budget: BudgetConfig | None = None, split: str = "train") -> dict[str, Any]:
+    """The arguments every environment of a run takes (token env and routing env alike)."""
+    return {
+        "task": run.task,
+        "device": run.device,
+        "cloud": run.cloud,
+        "budget": budget or run.budget,
+        "reward": run.env.reward,
+        "max_new_tokens": run.env.max_new_tokens,
+        "max_prompt_tokens": run.env.max_prompt_tokens,
+        "marker_match": run.env.marker_match,
+        "split": split,
+    }
+
+
 def make_train_env(run: RunConfig, budget: BudgetConfig | None = None, split: str = "train") -> gym.Env:
-    return gym.make(
-        "DeviceCloud-v0",
-        task=run.task,
-        device=run.device,
-        cloud=run.cloud,
-        budget=budget or run.budget,
-        reward=run.env.reward,
-        max_new_tokens=run.env.max_new_tokens,
-        max_prompt_tokens=run.env.max_prompt_tokens,
-        marker_match=run.env.marker_match,
-        split=split,
-    )
+    return gym.make("DeviceCloud-v0", **env_arguments(run, budget, split))
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
