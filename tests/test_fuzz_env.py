@@ -314,6 +314,35 @@ def concrete_actions(env: Any, op: tuple[Any, ...], answer: str | None) -> Itera
         yield op[1]
 
 
+def checked_reset(
+    env: Any,
+    seed: Any,
+    options: Any,
+    budget: BudgetModel,
+    counts: Counter[str],
+    trajectory: list[Any],
+    calls: list[tuple[Any, ...]],
+) -> tuple[Any, dict[str, Any]] | None:
+    """Reset a single or routing env: it must refuse exactly the bad seeds and options, with ConfigError.
+    Records the call (and a refusal's error); a seed or reset_budget starts the model's budget window.
+    Returns (obs, info), or None when refused."""
+    ok = options_ok(options, ("prompt_id", "split", "reset_budget")) and seed_ok(seed)
+    try:
+        obs, info = env.reset(seed=seed, options=options)
+    except ConfigError as err:
+        assert not ok, (seed, options, err)
+        counts["config_errors"] += 1
+        trajectory.append(("error", str(err)))
+        calls.append(("reset", seed, options, False))
+        return None
+    assert ok, (seed, options)
+    counts["resets"] += 1
+    calls.append(("reset", seed, options, True))
+    if seed is not None or (options or {}).get("reset_budget"):
+        budget.reset()
+    return obs, info
+
+
 def run_single(
     config: dict[str, Any], ops: list[tuple[Any, ...]], counts: Counter[str]
 ) -> tuple[list[Any], list[tuple[Any, ...]]]:
@@ -329,20 +358,10 @@ def run_single(
     for op in ops:
         if op[0] == "reset":
             _, seed, options = op
-            ok = options_ok(options, ("prompt_id", "split", "reset_budget")) and seed_ok(seed)
-            try:
-                obs, info = env.reset(seed=seed, options=options)
-            except ConfigError as err:
-                assert not ok, (seed, options, err)
-                counts["config_errors"] += 1
-                trajectory.append(("error", str(err)))
-                calls.append(("reset", seed, options, False))
+            reset = checked_reset(env, seed, options, budget, counts, trajectory, calls)
+            if reset is None:
                 continue
-            assert ok, (seed, options)
-            counts["resets"] += 1
-            calls.append(("reset", seed, options, True))
-            if seed is not None or (options or {}).get("reset_budget"):
-                budget.reset()
+            obs, info = reset
             problem = env.task.problem(info["prompt_id"])
             if options and "prompt_id" in options:
                 assert problem.id == options["prompt_id"]
@@ -705,20 +724,10 @@ def run_routing(
     for op in ops:
         if op[0] == "reset":
             _, seed, options = op
-            ok = options_ok(options, ("prompt_id", "split", "reset_budget")) and seed_ok(seed)
-            try:
-                obs, info = env.reset(seed=seed, options=options)
-            except ConfigError as err:
-                assert not ok, (seed, options, err)
-                counts["config_errors"] += 1
-                trajectory.append(("error", str(err)))
-                calls.append(("reset", seed, options, False))
+            reset = checked_reset(env, seed, options, budget, counts, trajectory, calls)
+            if reset is None:
                 continue
-            assert ok, (seed, options)
-            counts["resets"] += 1
-            calls.append(("reset", seed, options, True))
-            if seed is not None or (options or {}).get("reset_budget"):
-                budget.reset()
+            obs, info = reset
             problem = env.task.problem(info["prompt_id"])
             assert env.observation_space.contains(obs)
             if budget.episodes and not (budget.window is not None and budget.episodes >= budget.window):
