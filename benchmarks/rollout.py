@@ -30,7 +30,7 @@ import torch
 import collab_env  # noqa: F401  (registers DeviceCloud-v0)
 from agents.config import RolloutConfig
 from agents.policy import Policy
-from agents.rollout.hf import DecodeRequest, HFRollout, decode_dynamic
+from agents.rollout.hf import HFRollout
 from benchmarks.common import (
     benchmark_parser,
     benchmark_policy,
@@ -41,6 +41,7 @@ from benchmarks.common import (
     train_prompt_ids,
 )
 from collab_env.cloud.vllm_engine import hf_overrides
+from collab_env.decoding import DecodeRequest, decode_dynamic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,15 +36,9 @@ from agents.gapg import GAPGConfig
 from agents.grpo import GRPOConfig
 from agents.policy import Policy
 from agents.rollout import Generation, Rollout, pad_batch
-from agents.rollout.hf import (
-    DecodeRequest,
-    HFRollout,
-    StaticKVDecoder,
-    decode_dynamic,
-    inverse_cdf_sample,
-    sample_tokens,
-)
+from agents.rollout.hf import HFRollout, StaticKVDecoder
 from collab_env.config import BudgetConfig, DeviceConfig
+from collab_env.decoding import DecodeRequest, decode_dynamic, inverse_cdf_sample, sample_tokens
 from collab_env.models import load_model, load_tokenizer, tiny_llama_config
 
 VOCAB = 300

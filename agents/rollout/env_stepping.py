@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from agents.rollout.base import Generation, Rollout, RolloutEngine
-from agents.rollout.hf import sample_tokens
+from collab_env.decoding import sample_tokens
 
 
 def unbatch_info(infos: dict[str, Any], index: int) -> dict[str, Any]:

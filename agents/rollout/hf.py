@@ -28,20 +28,10 @@ from collab_env.decoding import (
     DecodeRequest,
     Generation,
     decode_dynamic,
-    inverse_cdf_sample,
     sample_tokens,
     stops,
     to_generation,
 )
-
-__all__ = [
-    "DecodeRequest",
-    "HFRollout",
-    "StaticKVDecoder",
-    "decode_dynamic",
-    "inverse_cdf_sample",
-    "sample_tokens",
-]
 
 COMPACT_BELOW = 0.75
 """The fast path drops finished rows once at most this share of its rows is still running: dropping
