@@ -28,14 +28,17 @@ CURVE_RATES = tuple(i / 20 for i in range(1, 20))
 
 
 def tuned_local(ctx: EvalContext, split: str, prompt_ids: list[int]) -> list[dict[str, Any]]:
-    """Greedy local answers of the task-tuned device (no help option, no cloud) for `prompt_ids`."""
+    """Greedy local answers of the task-tuned device (no help option, no cloud) for `prompt_ids`.
 
-    def compute() -> list[dict[str, Any]]:
+    Kept per prompt for the whole evaluation, so each prompt is answered once whichever methods ask for
+    it (a greedy answer without the cloud depends on its batch only through float rounding)."""
+    known: dict[int, dict[str, Any]] = ctx.memo(f"tuned-local:{split}", dict)
+    missing = [i for i in dict.fromkeys(prompt_ids) if i not in known]
+    if missing:
         policy, _ = trained_policy(ctx, "grpo", "plain")
         env = ctx.env(template="plain", budget=BudgetConfig(mode="cap", ratio=0.0), split=split)
-        return ctx.greedy(policy, env, prompt_ids)
-
-    return ctx.memo(f"tuned-local:{split}:{len(prompt_ids)}", compute)
+        known.update({info["prompt_id"]: info for info in ctx.greedy(policy, env, missing)})
+    return [known[i] for i in prompt_ids]
 
 
 def _held_out(ctx: EvalContext) -> tuple[list[dict[str, Any]], list[bool]]:
