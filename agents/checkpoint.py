@@ -94,6 +94,19 @@ def trainable_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_parameters(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy `weights` (as saved by `trainable_tensors`) into `module`'s parameters of the same names."""
+    params = dict(module.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing:
+        raise CheckpointError(
+            f"{source} has parameters this model lacks: {missing[:3]}; was it made for another model?"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -160,15 +173,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({err}); delete it to resume from an earlier one."
         ) from err
-    params = dict(module.named_parameters())
-    missing = [name for name in weights if name not in params]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} has parameters this model lacks: {missing[:3]}; was it made for another model?"
-        )
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    load_parameters(module, weights, path)
     if optimizer is not None:
         rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         _load_optimizer(

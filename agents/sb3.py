@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib
 import json
 from collections.abc import Callable, Iterator
@@ -35,11 +36,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import collab_env  # noqa: F401  (registers the environments)
-from agents.checkpoint import trainable_tensors
+from agents.checkpoint import load_parameters, trainable_tensors
 from agents.config import RunConfig, register_agent
 from agents.evaluation import summarize
 from agents.policy import pick_device
@@ -259,6 +261,45 @@ def write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
     (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
+# --- reusing a finished fit (shared with agents.tianshou) --------------------------------------
+
+
+def fit_fingerprint(run: RunConfig, env_kwargs: dict[str, Any] | None) -> str:
+    """A digest of everything a fit depends on: the run's settings (but for evaluation and display
+    ones) and the routing env's arguments, such as the device answers it routes."""
+    settings = dataclasses.asdict(run)
+    settings.pop("evaluate")
+    settings["train"].pop("progress")
+    blob = json.dumps({"run": settings, "env_kwargs": env_kwargs or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def reuse_fit(module: nn.Module, weights: Path, fingerprint: str) -> bool:
+    """Load into `module` the weights that a finished fit with the same fingerprint saved at `weights`.
+
+    False, with nothing loaded, when there is none: never fitted, fitted with other settings, killed
+    before it finished, or unreadable. Deleting the run directory forces a new fit."""
+    stamp = weights.with_suffix(".json")
+    if not (weights.is_file() and stamp.is_file()):
+        return False
+    if json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+        stamp.unlink()  # the next save is of other settings; never pair it with this stamp
+        return False
+    try:
+        tensors = load_file(str(weights))
+    except (OSError, SafetensorError):
+        return False
+    load_parameters(module, tensors, weights)
+    print(f"[fit] reusing the finished fit of the same settings in {weights.parent}", flush=True)
+    return True
+
+
+def save_fit(module: nn.Module, weights: Path, fingerprint: str) -> None:
+    """Save a finished fit's trainable weights (safetensors) and, after them, its fingerprint."""
+    save_file(trainable_tensors(module), str(weights))
+    weights.with_suffix(".json").write_text(json.dumps({"fingerprint": fingerprint}))
+
+
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """torch's CPU thread count set to `count` inside the block (0 leaves it), restored afterwards."""
@@ -440,7 +481,8 @@ def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None)
     """Train `agent=sb3_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
 
     Writes SB3's progress.csv and TensorBoard logs and the policy's weights (sb3_policy.safetensors;
-    not SB3's own zip, which pickles Python objects) to `run_dir`.
+    not SB3's own zip, which pickles Python objects) to `run_dir`; a finished fit of the same
+    settings found there is loaded instead of trained again (`reuse_fit`).
     `env_kwargs` go to every routing env (e.g. precomputed `device_answers`)."""
     agent: SB3PPOConfig = run.agent
     require("stable_baselines3", "agent=sb3_ppo")
@@ -448,13 +490,15 @@ def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None)
     from stable_baselines3.common.logger import configure
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    weights, fingerprint = run_dir / "sb3_policy.safetensors", fit_fingerprint(run, env_kwargs)
     with torch_threads(agent.num_threads):
         factory = make_env_factory(run, agent.env, agent.features, env_kwargs)
         vec_env = make_vec_env(factory, n_envs=agent.n_envs, seed=run.seed)
         model = build_model(run, vec_env)
-        model.set_logger(configure(str(run_dir), ["csv", "tensorboard"]))
-        model.learn(total_timesteps=agent.total_timesteps, progress_bar=run.train.progress)
-        save_file(trainable_tensors(model.policy), str(run_dir / "sb3_policy.safetensors"))
+        if not reuse_fit(model.policy, weights, fingerprint):
+            model.set_logger(configure(str(run_dir), ["csv", "tensorboard"]))
+            model.learn(total_timesteps=agent.total_timesteps, progress_bar=run.train.progress)
+            save_fit(model.policy, weights, fingerprint)
         vec_env.close()
     return lambda env: policy_act(model, env, masked=agent.algo == "maskable_ppo")
 

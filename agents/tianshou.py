@@ -31,10 +31,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from agents.checkpoint import trainable_tensors
 from agents.config import RunConfig, register_agent
 from agents.policy import pick_device
 from agents.sb3 import (
@@ -42,9 +40,12 @@ from agents.sb3 import (
     TokenActorCritic,
     check_common,
     evaluate,
+    fit_fingerprint,
     load_token_actor_critic,
     make_env_factory,
     require,
+    reuse_fit,
+    save_fit,
     torch_threads,
     write_metrics,
 )
@@ -230,47 +231,57 @@ def policy_act(policy: Any) -> Act:
     return act
 
 
-def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Callable[[gym.Env], Act]:
-    """Train `agent=tianshou_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
-
-    Writes TensorBoard logs and the policy's weights (tianshou_policy.safetensors) to
-    `run_dir`. `env_kwargs` go to every routing env (e.g. precomputed `device_answers`)."""
+def learn(algorithm: Any, train_envs: Any, run: RunConfig, run_dir: Path) -> None:
+    """Tianshou's on-policy trainer for `run.agent`'s epochs, logging to TensorBoard in `run_dir`."""
     agent: TianshouPPOConfig = run.agent
-    require("tianshou", "agent=tianshou_ppo")
     from tianshou.data import Collector, CollectStats, VectorReplayBuffer
-    from tianshou.env import DummyVectorEnv
     from tianshou.trainer import OnPolicyTrainerParams
     from tianshou.utils import TensorboardLogger
     from torch.utils.tensorboard import SummaryWriter
 
+    # On-policy: the buffer is emptied after every update, so one collection (plus the overshoot
+    # of up to one step per sub-env) is all it has to hold.
+    buffer = VectorReplayBuffer(agent.collection_step_num_env_steps + agent.n_envs, agent.n_envs)
+    collector = Collector[CollectStats](algorithm, train_envs, buffer)
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    algorithm.run_training(
+        OnPolicyTrainerParams(
+            training_collector=collector,
+            max_epochs=agent.max_epochs,
+            epoch_num_steps=agent.epoch_num_steps,
+            collection_step_num_env_steps=agent.collection_step_num_env_steps,
+            update_step_num_repetitions=agent.update_step_num_repetitions,
+            batch_size=agent.batch_size,
+            logger=TensorboardLogger(writer),
+            verbose=False,
+            show_progress=run.train.progress,
+        )
+    )
+    writer.close()
+
+
+def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Callable[[gym.Env], Act]:
+    """Train `agent=tianshou_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
+
+    Writes TensorBoard logs and the policy's weights (tianshou_policy.safetensors) to `run_dir`; a
+    finished fit of the same settings found there is loaded instead of trained again (`reuse_fit`).
+    `env_kwargs` go to every routing env (e.g. precomputed `device_answers`)."""
+    agent: TianshouPPOConfig = run.agent
+    require("tianshou", "agent=tianshou_ppo")
+    from tianshou.env import DummyVectorEnv
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    weights, fingerprint = run_dir / "tianshou_policy.safetensors", fit_fingerprint(run, env_kwargs)
     with torch_threads(agent.num_threads):
         torch.manual_seed(run.seed)
         make_env = make_env_factory(run, agent.env, agent.features, env_kwargs)
         train_envs = DummyVectorEnv([lambda: DropInfo(make_env())] * agent.n_envs)
         train_envs.seed(run.seed)
         algorithm = build_algorithm(run, train_envs.get_env_attr("unwrapped", 0)[0])
-        # On-policy: the buffer is emptied after every update, so one collection (plus the overshoot
-        # of up to one step per sub-env) is all it has to hold.
-        buffer = VectorReplayBuffer(agent.collection_step_num_env_steps + agent.n_envs, agent.n_envs)
-        collector = Collector[CollectStats](algorithm, train_envs, buffer)
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-        algorithm.run_training(
-            OnPolicyTrainerParams(
-                training_collector=collector,
-                max_epochs=agent.max_epochs,
-                epoch_num_steps=agent.epoch_num_steps,
-                collection_step_num_env_steps=agent.collection_step_num_env_steps,
-                update_step_num_repetitions=agent.update_step_num_repetitions,
-                batch_size=agent.batch_size,
-                logger=TensorboardLogger(writer),
-                verbose=False,
-                show_progress=run.train.progress,
-            )
-        )
-        writer.close()
+        if not reuse_fit(algorithm.policy, weights, fingerprint):
+            learn(algorithm, train_envs, run, run_dir)
+            save_fit(algorithm.policy, weights, fingerprint)
         train_envs.close()
-        save_file(trainable_tensors(algorithm.policy), str(run_dir / "tianshou_policy.safetensors"))
         algorithm.policy.eval()
     return lambda env: policy_act(algorithm.policy)
 

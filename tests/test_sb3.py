@@ -3,6 +3,7 @@ LM policy runs updates on DeviceCloud-v0 with int64 token ids reaching the embed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -46,9 +47,16 @@ def test_ppo_learns_to_route_better_than_random_on_held_out_prompts(algo, tmp_pa
     assert metrics["eval/reward"] <= metrics["baseline/oracle/reward"] + 1e-9
     saved = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert saved["eval/reward"] == metrics["eval/reward"]
-    assert (tmp_path / "run" / "progress.csv").is_file() and (
-        tmp_path / "run" / "sb3_policy.safetensors"
-    ).is_file()
+    weights = tmp_path / "run" / "sb3_policy.safetensors"
+    assert (tmp_path / "run" / "progress.csv").is_file() and weights.is_file()
+    # the same settings again: the finished fit is loaded, not trained again, and routes the same
+    saved_at = weights.stat().st_mtime_ns
+    assert train(routing_run(agent, tmp_path), tmp_path / "run", env_kwargs=env_kwargs) == metrics
+    assert weights.stat().st_mtime_ns == saved_at
+    # other settings: trained again
+    other = dataclasses.replace(agent, total_timesteps=1024)
+    train(routing_run(other, tmp_path), tmp_path / "run", env_kwargs=env_kwargs)
+    assert weights.stat().st_mtime_ns != saved_at
 
 
 def test_lm_policy_trains_on_the_token_env_with_int64_ids(make_env, tmp_path):

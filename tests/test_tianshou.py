@@ -42,8 +42,13 @@ def test_ppo_learns_to_route_better_than_random_on_held_out_prompts(tmp_path):
     assert metrics["eval/cloud_rate"] <= 0.3
     saved = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert saved["eval/reward"] == metrics["eval/reward"]
-    state = load_file(tmp_path / "run" / "tianshou_policy.safetensors")
+    weights = tmp_path / "run" / "tianshou_policy.safetensors"
+    state = load_file(weights)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    # the same settings again: the finished fit is loaded, not trained again, and routes the same
+    saved_at = weights.stat().st_mtime_ns
+    assert train(run, tmp_path / "run", env_kwargs=env_kwargs) == metrics
+    assert weights.stat().st_mtime_ns == saved_at
 
 
 def test_lm_actor_critic_runs_ppo_updates_on_the_token_env(make_env):
