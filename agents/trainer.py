@@ -57,10 +57,11 @@ def make_train_env(run: RunConfig, budget: BudgetConfig | None = None, split: st
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    """`env/` metrics of a scored batch: reward, outcome fractions, help rate, completion length."""
+    """`env/` metrics of a scored batch: reward, outcome fractions, help rate (overall and per task
+    level, which shows whether the device learns *where* to call), completion length."""
     n = len(rollout.infos)
     outcomes = [info["outcome"] for info in rollout.infos]
-    return {
+    metrics = {
         "env/reward": float(rollout.rewards.mean()),
         "env/local_correct": outcomes.count("local_correct") / n,
         "env/cloud_correct": outcomes.count("cloud_correct") / n,
@@ -68,6 +69,13 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "env/help_rate": sum(info["called_help"] for info in rollout.infos) / n,
         "env/completion_tokens": float(rollout.completion_mask.sum(1).mean()),
     }
+    calls_by_level: dict[str, list[bool]] = {}
+    for info in rollout.infos:
+        calls_by_level.setdefault(info["level"], []).append(info["called_help"])
+    if len(calls_by_level) > 1:
+        for level, calls in sorted(calls_by_level.items()):
+            metrics[f"env/help_rate/{level}"] = sum(calls) / len(calls)
+    return metrics
 
 
 class Trainer:
