@@ -1,8 +1,11 @@
 """The comparison report: `report.md` (one row per method), `results.json` (every number),
-`pareto.png` (accuracy vs cloud rate) and `curves.png` (training reward and help rate per step)."""
+`pareto.png` (accuracy vs cloud rate) and `curves.png` (training reward and help rate per step).
+
+`python -m agents.report RUN_DIR ... --labels ... --out curves.png` plots the training curves of any runs."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -133,30 +136,67 @@ def plot_curves(out_dir: Path, results: list[MethodResult]) -> Path | None:
         for r in results
         if r.training_metrics and r.training_metrics.exists()
     ]
-    if not runs:
-        return None
+    return plot_training_curves(out_dir / "curves.png", runs) if runs else None
+
+
+def plot_training_curves(path: Path, runs: list[tuple[str, list[dict[str, float]]]], smooth: int = 1) -> Path:
+    """Training reward, training help rate and held-out accuracy per step of labelled `metrics.csv`
+    rows, one line per run; `smooth` > 1 averages the training curves over that many steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def moving_average(values: list[float]) -> list[float]:
+        """Means over the last `smooth` steps, from the first full window on (earlier steps: nan)."""
+        return [
+            sum(values[i - smooth + 1 : i + 1]) / smooth if i >= smooth - 1 else math.nan
+            for i in range(len(values))
+        ]
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for label, rows in runs:
         steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r.get("env/reward", math.nan) for r in rows], label=label)
-        axes[1].plot(steps, [100 * r.get("env/help_rate", math.nan) for r in rows], label=label)
+        axes[0].plot(steps, moving_average([r.get("env/reward", math.nan) for r in rows]), label=label)
+        axes[1].plot(
+            steps, moving_average([100 * r.get("env/help_rate", math.nan) for r in rows]), label=label
+        )
         evals = [(r["step"], 100 * r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
         if evals:
             axes[2].plot(*zip(*evals, strict=True), "o-", label=label)
-    for ax, title in zip(
-        axes, ("training reward", "training help rate (%)", "held-out accuracy under cap (%)"), strict=True
-    ):
+    mean = f" ({smooth}-step mean)" if smooth > 1 else ""
+    titles = (f"training reward{mean}", f"training help rate (%){mean}", "held-out accuracy under cap (%)")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    path = out_dir / "curves.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Plot the training curves of runs side by side (reward, help rate, held-out accuracy)."
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories holding metrics.csv")
+    parser.add_argument("--labels", nargs="+", help="one legend label per run (default: the directory)")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument(
+        "--smooth", type=int, default=1, help="steps per moving average of the training curves"
+    )
+    args = parser.parse_args()
+    labels = args.labels or [str(run_dir) for run_dir in args.run_dirs]
+    if len(labels) != len(args.run_dirs):
+        parser.error(f"{len(labels)} labels for {len(args.run_dirs)} run directories")
+    missing = [str(d) for d in args.run_dirs if not (d / "metrics.csv").is_file()]
+    if missing:
+        parser.error(f"no metrics.csv in {', '.join(missing)}")
+    runs = [(label, read_metrics(d / "metrics.csv")) for label, d in zip(labels, args.run_dirs, strict=True)]
+    print(plot_training_curves(args.out, runs, args.smooth))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from test_train_smoke import CONFIGS
 
 from agents.config import register_configs, to_objects
 from agents.evaluate import evaluate
+from agents.report import main
 
 
 def test_report_from_a_smoke_run(tmp_path):
@@ -54,3 +57,20 @@ def test_report_from_a_smoke_run(tmp_path):
     # beat the oracle router, which sends exactly the prompts that device gets wrong
     for name in ("sb3_router", "tianshou_router"):
         assert methods[name]["metrics"]["accuracy"] <= methods["oracle_router"]["metrics"]["accuracy"]
+
+
+def test_training_curves_of_several_runs_from_the_command_line(tmp_path, monkeypatch, capsys):
+    for name, help_rate in (("a", 0.1), ("b", 0.5)):
+        (tmp_path / name).mkdir()
+        lines = ["step,env/reward,env/help_rate,eval/accuracy"]
+        lines += [f"{s},{0.3 + s / 100},{help_rate},{'0.4' if s % 5 == 0 else ''}" for s in range(1, 21)]
+        (tmp_path / name / "metrics.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "curves.png"
+    argv = ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--smooth", "5"])
+    main()
+    assert out.stat().st_size > 10_000
+    monkeypatch.setattr(sys, "argv", ["report", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main()
+    assert "no metrics.csv in" in capsys.readouterr().err
