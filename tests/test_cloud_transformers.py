@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from conftest import SMALL_TASK
 from transformers import AutoModelForCausalLM
 
 from collab_env.cloud import make_oracle
+from collab_env.cloud.base import SHARED_MODELS
 from collab_env.cloud.settings import TransformersCloudConfig
 from collab_env.config import DeviceConfig
 from collab_env.errors import CloudError
@@ -78,9 +80,8 @@ def test_batched_left_padded_greedy_matches_one_by_one(model_dir, task, monkeypa
     batched = make_oracle(settings(model_dir, batch_size=3), task)
     sizes = count_generate(batched, monkeypatch)
     answers = batched.answer(problems)
-    single = make_oracle(settings(model_dir, batch_size=1), task).answer(problems)
-
     assert sizes == [3, 3, 1]
+    single = make_oracle(settings(model_dir, batch_size=1), task).answer(problems)
     assert len({len(batched.oracle.tokenizer(batched.oracle._prompt(p)).input_ids) for p in problems}) > 1
     assert [a.text for a in answers] == [a.text for a in single]  # padding did not change an answer
     assert len({a.text for a in answers}) > 1
@@ -139,6 +140,21 @@ def test_a_failed_generation_raises_or_scores_wrong(model_dir, task, monkeypatch
     answers = lenient.answer(problems)
     assert [a.text for a in answers] == [None] * 3 and "out of memory" in answers[0].error
     assert (lenient.stats.errors, lenient.stats.calls, len(lenient.cache)) == (3, 0, 0)
+
+
+def test_oracles_of_one_model_share_it_until_the_last_closes(model_dir, task, tmp_path):
+    own_dir = shutil.copytree(model_dir, tmp_path / "model")  # a model no other test's oracle holds
+    first, second = make_oracle(settings(own_dir), task), make_oracle(settings(own_dir), task)
+    key = first.oracle._model_key
+    assert first.oracle.model is second.oracle.model  # a run's train and eval envs load it once
+    first.close()
+    assert key in SHARED_MODELS
+    assert second.answer(task.problems("test")[:1])[0].text is not None
+    second.close()
+    assert key not in SHARED_MODELS  # freed with the last user
+    other = make_oracle(settings(own_dir, dtype="bfloat16"), task)
+    assert other.oracle.model.dtype == torch.bfloat16  # other settings, another copy
+    other.close()
 
 
 def test_an_episode_with_the_transformers_cloud(model_dir, make_env):

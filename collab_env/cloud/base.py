@@ -13,6 +13,36 @@ from collab_env.config import CloudConfig
 from collab_env.tasks import Problem, Task
 
 
+class SharedModels:
+    """Loaded cloud models (transformers models, vLLM engines) shared by every oracle of the same
+    model in a process, such as a run's train and eval envs, and freed when the last one closes:
+    a second vLLM engine would claim its share of the GPU again."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, list[Any]] = {}
+
+    def acquire(self, key: Any, load: Callable[[], Any]) -> Any:
+        """The model under `key` (loaded by `load()` if no oracle holds it); pair with `release`."""
+        entry = self._entries.setdefault(key, [None, 0])
+        if entry[1] == 0:
+            entry[0] = load()
+        entry[1] += 1
+        return entry[0]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._entries
+
+    def release(self, key: Any) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._entries[key]
+
+
+SHARED_MODELS = SharedModels()
+
+
 @dataclass(frozen=True)
 class CloudAnswer:
     """One cloud response. `text` is None when the oracle failed and `on_error` says to score it wrong."""

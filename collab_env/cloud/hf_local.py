@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from collab_env.cloud.base import AnswerCallback, CloudAnswer, CloudOracle
+from collab_env.cloud.base import SHARED_MODELS, AnswerCallback, CloudAnswer, CloudOracle
 from collab_env.cloud.settings import TransformersCloudConfig
 from collab_env.config import CloudConfig
 from collab_env.errors import CloudError
@@ -26,6 +26,12 @@ def model_fingerprint(path: Path) -> list[tuple[str, int, int]]:
     a different model, so their answers must not come from the cache of the old ones."""
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
 def chat_messages(oracle: CloudOracle, problem: Problem) -> list[dict[str, str]]:
@@ -47,7 +53,7 @@ class TransformersOracle(CloudOracle):
 
     def __init__(self, config: TransformersCloudConfig, task: Task) -> None:
         super().__init__(config, task)
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import GenerationConfig
 
         self.path = check_model_dir(config.path, "cloud.path").resolve()
         device = config.device
@@ -56,8 +62,11 @@ class TransformersOracle(CloudOracle):
         self.device = torch.device(device)
         self.dtype = resolve_dtype(config.dtype, device)
         self.tokenizer = tokenizer_from_dir(str(self.path))
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype).to(self.device).eval()
+        self._fingerprint = model_fingerprint(self.path)
+        # The fingerprint in the key keeps weights rebuilt at the same path from sharing the old copy.
+        self._model_key = ("transformers", self.path, tuple(self._fingerprint), self.dtype, self.device)
+        self.model = SHARED_MODELS.acquire(
+            self._model_key, lambda: load_model(self.path, self.dtype, self.device)
         )
         sampling = config.temperature > 0
         self.generation = GenerationConfig(
@@ -69,7 +78,6 @@ class TransformersOracle(CloudOracle):
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        self._fingerprint = model_fingerprint(self.path)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -140,4 +148,6 @@ class TransformersOracle(CloudOracle):
         return answers
 
     def close(self) -> None:
+        if self.model is not None:
+            SHARED_MODELS.release(self._model_key)
         self.model = None

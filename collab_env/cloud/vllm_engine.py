@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from collab_env.cloud.base import AnswerCallback, CloudAnswer, CloudOracle
+from collab_env.cloud.base import SHARED_MODELS, AnswerCallback, CloudAnswer, CloudOracle
 from collab_env.cloud.settings import VLLMCloudConfig
 from collab_env.config import CloudConfig
 from collab_env.errors import CloudError, DependencyNotInstalled
@@ -80,13 +80,25 @@ class VLLMOracle(CloudOracle):
         self.path = check_model_dir(config.path, "cloud.path").resolve()
         self.dtype = _dtype_name(config.dtype, "cuda" if torch.cuda.is_available() else "cpu")
         self._fingerprint = model_fingerprint(self.path)
-        self.engine = vllm.LLM(
-            model=str(self.path),
-            dtype=self.dtype,
-            seed=config.seed,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            enforce_eager=config.enforce_eager,
-            hf_overrides=hf_overrides(self.path),
+        self._engine_key = (
+            "vllm",
+            self.path,
+            tuple(self._fingerprint),
+            self.dtype,
+            config.seed,
+            config.gpu_memory_utilization,
+            config.enforce_eager,
+        )
+        self.engine = SHARED_MODELS.acquire(
+            self._engine_key,
+            lambda: vllm.LLM(
+                model=str(self.path),
+                dtype=self.dtype,
+                seed=config.seed,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                enforce_eager=config.enforce_eager,
+                hf_overrides=hf_overrides(self.path),
+            ),
         )
         self.sampling = vllm.SamplingParams(temperature=config.temperature, max_tokens=config.max_new_tokens)
 
@@ -139,7 +151,9 @@ class VLLMOracle(CloudOracle):
         return answers
 
     def close(self) -> None:
-        # vLLM shuts its engine-core process down when the LLM object is collected.
+        # vLLM shuts its engine-core process down when the last LLM reference is collected.
+        if self.engine is not None:
+            SHARED_MODELS.release(self._engine_key)
         self.engine = None
 
 
