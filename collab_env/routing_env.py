@@ -92,10 +92,12 @@ def device_identity(config: DeviceConfig) -> dict[str, Any]:
 
 
 def task_identity(task: Task) -> dict[str, Any]:
-    """What decides a task's prompts: its settings (template included) and its data files."""
+    """What decides a task's prompts: its settings (template included), its data files, and a digest
+    of the questions and answers themselves (a changed generator or file changes it too)."""
     config = task.config
     files = [Path(p).expanduser() for p in (config.path, config.test_path) if p]
-    return {**dataclasses.asdict(config), "files": _file_stamps(files)}
+    problems = [[p.split, p.question, p.answer] for split in ("train", "test") for p in task.problems(split)]
+    return {**dataclasses.asdict(config), "files": _file_stamps(files), "problems": _digest(problems)}
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:

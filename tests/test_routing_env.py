@@ -3,6 +3,9 @@ and the on-disk caches of device answers and prompt features."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from gymnasium.utils.env_checker import check_env
 import collab_env.routing_env as routing
 from collab_env import HELP_MARKER, IllegalActionError
 from collab_env.routing_env import CLOUD_ACTION, DEVICE_ACTION, greedy_completions, scripted_device
+from collab_env.tasks import make_task
 
 EASY = ("add2", "add2_carry", "mul21")
 TINY_DEVICE = {"name": "tiny-random", "dtype": "float32"}
@@ -196,3 +200,18 @@ def test_minilm_features_are_unit_sentence_embeddings_cached_on_disk(make_routin
     monkeypatch.setattr(routing, "minilm_features", lambda *a, **k: pytest.fail("features recomputed"))
     again = make_routing(task=task, features="minilm").unwrapped
     np.testing.assert_array_equal(again.reset(options={"prompt_id": 3})[0][:-2], features[3])
+
+
+def test_cache_key_changes_with_the_questions_even_when_the_file_stamp_does_not(tmp_path):
+    path = tmp_path / "m.jsonl"
+
+    def write(numbers: range) -> dict:
+        rows = [{"problem": f"What is {i}+1?", "solution": f"$\\boxed{{{i + 1}}}$"} for i in numbers]
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        os.utime(path, ns=(0, 0))  # the same size and modification time for both versions
+        return routing.task_identity(make_task({"name": "jsonl_math", "path": str(path)}))
+
+    first = write(range(10, 20))
+    assert write(range(10, 20)) == first
+    second = write(range(30, 40))  # same lengths, other questions
+    assert second["files"] == first["files"] and second != first
