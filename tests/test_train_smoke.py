@@ -21,6 +21,7 @@ import agents.ppo  # noqa: F401
 from agents.checkpoint import list_checkpoints
 from agents.config import register_configs, to_objects
 from agents.trainer import Trainer
+from collab_env.errors import ConfigError
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +110,34 @@ def test_half_written_checkpoints_are_never_loaded(tmp_path):
     (root / "step_000004").mkdir()
     (root / "step_000004" / "state.json").write_text("{}")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000004"]
+
+
+def compose_experiment(name: str, overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return to_objects(compose(config_name="train", overrides=[f"experiment={name}", *overrides]))
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "expected"),
+    [
+        # paper-spec section 5.3: |D_b|, G, lr, steps, response and prompt lengths, alpha_c
+        ("countdown_paper", ["device.path=/models/qwen"], (32, 8, 5e-6, 800, 720, 256, 0.25)),
+        ("math_paper", ["device.path=/m", "task.path=/d.jsonl"], (128, 8, 2e-6, 800, 1024, 1024, 0.3)),
+    ],
+)
+def test_paper_presets_carry_the_papers_settings(name, overrides, expected):
+    run = compose_experiment(name, overrides)
+    train, env = run.train, run.env
+    got = (train.prompts_per_step, train.group_size, train.lr, train.steps)
+    got += (env.max_new_tokens, env.max_prompt_tokens, env.reward.alpha_c)
+    assert got == expected
+    assert run.budget.share == pytest.approx(0.3) and run.rollout.temperature == 1.0
+    assert run.agent.name == "gapg" and run.device.path == overrides[0].split("=")[1]
+
+
+def test_presets_name_what_they_still_need():
+    with pytest.raises(ConfigError, match="needs device.path"):
+        compose_experiment("countdown_paper", [])
+    run = compose_experiment("arithmetic_smollm2", [])
+    assert run.device.name == "smollm2" and run.warmup is not None and run.warmup.name == "format_sft"
