@@ -26,6 +26,8 @@ from agents.run_log import RunLog
 from collab_env.config import BudgetConfig, DeviceConfig
 
 RESUME_MUST_MATCH = ("agent", "task", "device", "env", "train.group_size", "train.prompts_per_step", "seed")
+EVALUATE_MUST_MATCH = (*RESUME_MUST_MATCH, "train.lr", "rollout.temperature")
+"""A finished run is reused by `agents.evaluate` only if trained with these settings of the config."""
 
 
 def resolve_device(run: RunConfig) -> DeviceConfig:
@@ -121,7 +123,7 @@ class Trainer:
         self.start_step = self._resume()
 
     def _config_snapshot(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self.run), default=str))
+        return config_snapshot(self.run)
 
     def _resume(self) -> int:
         resume = self.train.resume
@@ -131,14 +133,7 @@ class Trainer:
         if not found:
             return 0
         state = load_checkpoint(found[-1], self.policy, self.optimizer, self.scheduler)
-        now = self._config_snapshot()
-        for key in RESUME_MUST_MATCH:
-            before, after = _dig(state["config"], key), _dig(now, key)
-            if before != after:
-                raise CheckpointError(
-                    f"cannot resume from {found[-1]}: its {key} was {before}, this run has {after}. "
-                    "Use a new run directory (hydra.run.dir=...) or train.resume=never."
-                )
+        check_same_run(found[-1], state["config"], self.run, "resume from")
         budget = state.get("budget", {})
         self.env.unwrapped.budget.calls = budget.get("calls", 0)
         self.env.unwrapped.budget.episodes = budget.get("episodes", 0)
@@ -255,6 +250,31 @@ class Trainer:
         return save_checkpoint(
             self.run_dir, step, self.policy, self.optimizer, self.scheduler, extra, self.train.keep_last
         )
+
+
+def config_snapshot(run: RunConfig) -> dict[str, Any]:
+    """The run's settings as JSON values, as checkpoints store them."""
+    return json.loads(json.dumps(dataclasses.asdict(run), default=str))
+
+
+def check_same_run(
+    checkpoint: Path,
+    saved: dict[str, Any],
+    run: RunConfig,
+    use: str,
+    keys: tuple[str, ...] = RESUME_MUST_MATCH,
+) -> None:
+    """Raise CheckpointError when `checkpoint` (whose state.json config is `saved`) was made with
+    other settings than `run` in any of `keys`."""
+    now = config_snapshot(run)
+    for key in keys:
+        before, after = _dig(saved, key), _dig(now, key)
+        if before != after:
+            raise CheckpointError(
+                f"cannot {use} {checkpoint}: its {key} was {before}, this run has {after}. "
+                "Use a new run directory (another `name=`, or hydra.run.dir=...), delete the old one, "
+                "or train.resume=never."
+            )
 
 
 def _dig(tree: dict[str, Any], dotted: str) -> Any:

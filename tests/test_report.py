@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from test_train_smoke import CONFIGS
 
+from agents.checkpoint import CheckpointError
 from agents.config import register_configs, to_objects
 from agents.evaluate import evaluate
 from agents.report import main
@@ -74,3 +75,15 @@ def test_training_curves_of_several_runs_from_the_command_line(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         main()
     assert "no metrics.csv in" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_finished_run_trained_with_other_settings(tmp_path):
+    register_configs()
+    overrides = ["experiment=smoke", "evaluate.methods=[gapg]", "train.steps=2"]
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        first = to_objects(compose(config_name="evaluate", overrides=overrides))
+        other = to_objects(compose(config_name="evaluate", overrides=[*overrides, "env.reward.alpha_c=0.2"]))
+    evaluate(first, tmp_path)
+    evaluate(first, tmp_path)  # the same settings: the finished run is reused
+    with pytest.raises(CheckpointError, match="cannot evaluate .*step_000002: its env was"):
+        evaluate(other, tmp_path)  # a changed reward must not be served the old run's policy
