@@ -94,8 +94,15 @@ def expected_update(model: CallRateModel, help_rate: float, algorithm: str, rho:
     return total / model.batches
 
 
+RATE_BOUNDS = (0.005, 0.995)
+
+
 def fixed_point(
-    model: CallRateModel, algorithm: str, rho: float = 3 / 7, low: float = 0.005, high: float = 0.995
+    model: CallRateModel,
+    algorithm: str,
+    rho: float = 3 / 7,
+    low: float = RATE_BOUNDS[0],
+    high: float = RATE_BOUNDS[1],
 ) -> float:
     """The call rate h* in [low, high] where g changes sign from + to - (bisection); `low` when g < 0
     already there (the device stops calling), `high` when g > 0 up to there (it always calls)."""
@@ -112,9 +119,18 @@ def fixed_point(
     return (low + high) / 2
 
 
+def describe(rate: float) -> str:
+    """A fixed point as the table shows it: the bounds of `fixed_point` mean 'drifts to 0 / to 100%'."""
+    if rate <= RATE_BOUNDS[0]:
+        return "-> 0%"
+    if rate >= RATE_BOUNDS[1]:
+        return "-> 100%"
+    return f"{rate:.0%}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--alpha-c", type=float, nargs="+", default=[0.3, 0.35, 0.4, 0.5, 0.6])
+    parser.add_argument("--alpha-c", type=float, nargs="+", default=[0.3, 0.4, 0.45, 0.5, 0.6])
     parser.add_argument("--rho", type=float, nargs="+", default=[0.25, 3 / 7, 1.0])
     parser.add_argument("--local-accuracy", type=float, nargs="+", default=list(TINY_ARITH_LOCAL_ACCURACY))
     args = parser.parse_args()
@@ -125,7 +141,7 @@ def main() -> None:
         model = CallRateModel(local_accuracy=tuple(args.local_accuracy), alpha_c=alpha_c)
         points = [fixed_point(model, "gapg", rho) for rho in args.rho]
         points += [fixed_point(model, "gapg_unfiltered"), fixed_point(model, "grpo")]
-        print(f"| {alpha_c} | " + " | ".join(f"{p:.0%}" for p in points) + " |")
+        print(f"| {alpha_c} | " + " | ".join(describe(p) for p in points) + " |")
 
 
 if __name__ == "__main__":
