@@ -142,5 +142,5 @@ def test_presets_name_what_they_still_need():
     run = compose_experiment("arithmetic_smollm2", [])
     assert run.device.name == "smollm2" and run.warmup is not None and run.warmup.name == "format_sft"
     main, long = compose_experiment("arithmetic_cpu", []), compose_experiment("arithmetic_cpu_long", [])
-    assert (long.train.steps, long.train.lr, long.name) == (200, 2e-4, "arithmetic_cpu_long")
+    assert (long.train.steps, long.train.lr, long.name) == (600, 2e-4, "arithmetic_cpu_long")
     assert long.env == main.env and long.device == main.device and long.task == main.task
