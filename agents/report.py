@@ -139,6 +139,16 @@ def plot_curves(out_dir: Path, results: list[MethodResult]) -> Path | None:
     return plot_training_curves(out_dir / "curves.png", runs) if runs else None
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Means over the last `window` values, from the first full window on (earlier values: nan);
+    nan values (steps without the metric) are skipped within a window."""
+    out = []
+    for i in range(len(values)):
+        present = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
+        out.append(sum(present) / len(present) if i >= window - 1 and present else math.nan)
+    return out
+
+
 def plot_training_curves(path: Path, runs: list[tuple[str, list[dict[str, float]]]], smooth: int = 1) -> Path:
     """Training reward, training help rate and held-out accuracy per step of labelled `metrics.csv`
     rows, one line per run; `smooth` > 1 averages the training curves over that many steps."""
@@ -147,19 +157,14 @@ def plot_training_curves(path: Path, runs: list[tuple[str, list[dict[str, float]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def moving_average(values: list[float]) -> list[float]:
-        """Means over the last `smooth` steps, from the first full window on (earlier steps: nan)."""
-        return [
-            sum(values[i - smooth + 1 : i + 1]) / smooth if i >= smooth - 1 else math.nan
-            for i in range(len(values))
-        ]
-
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for label, rows in runs:
         steps = [r["step"] for r in rows]
-        axes[0].plot(steps, moving_average([r.get("env/reward", math.nan) for r in rows]), label=label)
+        axes[0].plot(
+            steps, moving_average([r.get("env/reward", math.nan) for r in rows], smooth), label=label
+        )
         axes[1].plot(
-            steps, moving_average([100 * r.get("env/help_rate", math.nan) for r in rows]), label=label
+            steps, moving_average([100 * r.get("env/help_rate", math.nan) for r in rows], smooth), label=label
         )
         evals = [(r["step"], 100 * r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
         if evals:
@@ -177,6 +182,33 @@ def plot_training_curves(path: Path, runs: list[tuple[str, list[dict[str, float]
     return path
 
 
+def plot_level_help(path: Path, runs: list[tuple[str, list[dict[str, float]]]], smooth: int = 1) -> Path:
+    """The training help rate of each task level (`env/help_rate/<level>`), one panel per run:
+    whether a device learns *where* to call, not only how often."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
+    for ax, (label, rows) in zip(axes[0], runs, strict=True):
+        levels = sorted(
+            {k.removeprefix("env/help_rate/") for r in rows for k in r if k.startswith("env/help_rate/")}
+        )
+        steps = [r["step"] for r in rows]
+        for level in levels:
+            values = [100 * r.get(f"env/help_rate/{level}", math.nan) for r in rows]
+            ax.plot(steps, moving_average(values, smooth), label=level)
+        ax.set_title(f"{label}: help rate per level (%)")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Plot the training curves of runs side by side (reward, help rate, held-out accuracy)."
@@ -187,6 +219,7 @@ def main() -> None:
     parser.add_argument(
         "--smooth", type=int, default=1, help="steps per moving average of the training curves"
     )
+    parser.add_argument("--levels-out", type=Path, help="also plot each run's help rate per task level here")
     args = parser.parse_args()
     labels = args.labels or [str(run_dir) for run_dir in args.run_dirs]
     if len(labels) != len(args.run_dirs):
@@ -196,6 +229,8 @@ def main() -> None:
         parser.error(f"no metrics.csv in {', '.join(missing)}")
     runs = [(label, read_metrics(d / "metrics.csv")) for label, d in zip(labels, args.run_dirs, strict=True)]
     print(plot_training_curves(args.out, runs, args.smooth))
+    if args.levels_out:
+        print(plot_level_help(args.levels_out, runs, args.smooth))
 
 
 if __name__ == "__main__":

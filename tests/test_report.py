@@ -63,14 +63,18 @@ def test_report_from_a_smoke_run(tmp_path):
 def test_training_curves_of_several_runs_from_the_command_line(tmp_path, monkeypatch, capsys):
     for name, help_rate in (("a", 0.1), ("b", 0.5)):
         (tmp_path / name).mkdir()
-        lines = ["step,env/reward,env/help_rate,eval/accuracy"]
-        lines += [f"{s},{0.3 + s / 100},{help_rate},{'0.4' if s % 5 == 0 else ''}" for s in range(1, 21)]
+        lines = ["step,env/reward,env/help_rate,env/help_rate/add2,env/help_rate/mul22,eval/accuracy"]
+        lines += [
+            f"{s},{0.3 + s / 100},{help_rate},{help_rate / 2},{help_rate * 2},{'0.4' if s % 5 == 0 else ''}"
+            for s in range(1, 21)
+        ]
         (tmp_path / name / "metrics.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "curves.png"
     argv = ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", [*argv, "--smooth", "5"])
+    levels = tmp_path / "levels.png"
+    monkeypatch.setattr(sys, "argv", [*argv, "--smooth", "5", "--levels-out", str(levels)])
     main()
-    assert out.stat().st_size > 10_000
+    assert out.stat().st_size > 10_000 and levels.stat().st_size > 10_000
     monkeypatch.setattr(sys, "argv", ["report", str(tmp_path), "--out", str(out)])
     with pytest.raises(SystemExit):
         main()
