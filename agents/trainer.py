@@ -122,9 +122,6 @@ class Trainer:
         self.eval_env = make_eval_env(run, len(self.eval_prompts))
         self.start_step = self._resume()
 
-    def _config_snapshot(self) -> dict[str, Any]:
-        return config_snapshot(self.run)
-
     def _resume(self) -> int:
         resume = self.train.resume
         if resume == "never":
@@ -133,7 +130,7 @@ class Trainer:
         if not found:
             return 0
         state = load_checkpoint(found[-1], self.policy, self.optimizer, self.scheduler)
-        check_same_run(found[-1], state["config"], self.run, "resume from")
+        check_same_run(found[-1], state["config"], self.run)
         budget = state.get("budget", {})
         self.env.unwrapped.budget.calls = budget.get("calls", 0)
         self.env.unwrapped.budget.episodes = budget.get("episodes", 0)
@@ -243,7 +240,7 @@ class Trainer:
     def save(self, step: int, metrics: dict[str, float]) -> Path:
         budget = self.env.unwrapped.budget
         extra = {
-            "config": self._config_snapshot(),
+            "config": config_snapshot(self.run),
             "metrics": metrics,
             "budget": {"calls": budget.calls, "episodes": budget.episodes},
         }
@@ -257,23 +254,19 @@ def config_snapshot(run: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(run), default=str))
 
 
-def check_same_run(
-    checkpoint: Path,
-    saved: dict[str, Any],
-    run: RunConfig,
-    use: str,
-    keys: tuple[str, ...] = RESUME_MUST_MATCH,
-) -> None:
-    """Raise CheckpointError when `checkpoint` (whose state.json config is `saved`) was made with
-    other settings than `run` in any of `keys`."""
+def check_same_run(checkpoint: Path, saved: dict[str, Any], run: RunConfig, purpose: str = "resume") -> None:
+    """Raise CheckpointError when `checkpoint` (whose state.json config is `saved`) was made with other
+    settings than `run` in what `purpose` needs to match: RESUME_MUST_MATCH to resume from it,
+    EVALUATE_MUST_MATCH to evaluate it as the run's result."""
+    resuming = purpose == "resume"
     now = config_snapshot(run)
-    for key in keys:
+    for key in RESUME_MUST_MATCH if resuming else EVALUATE_MUST_MATCH:
         before, after = _dig(saved, key), _dig(now, key)
         if before != after:
             raise CheckpointError(
-                f"cannot {use} {checkpoint}: its {key} was {before}, this run has {after}. "
-                "Use a new run directory (another `name=`, or hydra.run.dir=...), delete the old one, "
-                "or train.resume=never."
+                f"cannot {'resume from' if resuming else purpose} {checkpoint}: its {key} was {before}, "
+                f"this run has {after}. Use a new run directory (another `name=`, or hydra.run.dir=...) or "
+                f"delete the old one{', or set train.resume=never' if resuming else ''}."
             )
 
 

@@ -44,12 +44,12 @@ def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
 def load_trained(ctx: EvalContext, run: RunConfig, checkpoint: Path) -> Policy:
     """The policy of a finished run's last checkpoint, which must have been trained with `run`'s
     settings (a run left by an earlier config under the same name is an error, not a silent reuse)."""
-    from agents.trainer import EVALUATE_MUST_MATCH, check_same_run
+    from agents.trainer import check_same_run
 
     needs_values = ALGORITHMS[run.agent.name][1].needs_values
     policy = Policy.load(ctx.device_config, ctx.device, run.train.lora_rank, value_head=needs_values)
     state = load_checkpoint(checkpoint, policy, None, None)
-    check_same_run(checkpoint, state["config"], run, "evaluate", EVALUATE_MUST_MATCH)
+    check_same_run(checkpoint, state["config"], run, "evaluate")
     return policy.eval()
 
 
