@@ -1,4 +1,4 @@
-"""What an algorithm is to the shared training loop, the registry of algorithms, and the update loop.
+"""What an algorithm is to the shared training loop, and the update loop every algorithm shares.
 
 An algorithm does two things, each in one short function of its own module:
 - `prepare(rollout)`: choose the sequences to learn from and attach per-token `advantages` and
@@ -16,28 +16,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from agents import distributed
+from agents.batch import Rollout
 from agents.config import TrainConfig
 from agents.policy import Policy, PolicyOutput
-from agents.rollout import Rollout
 from collab_env.config import BudgetConfig
-from collab_env.errors import unknown_name
-
-
-@dataclass
-class AgentConfig:
-    """Fields every agent config has."""
-
-    name: str = ""
-    epochs: int = 1
-    """Passes over each rollout batch."""
-    minibatches: int = 1
-    """Optimizer steps per pass (the batch is split into this many shuffled minibatches)."""
 
 
 class Algorithm(ABC):
@@ -65,28 +52,6 @@ class Algorithm(ABC):
     @abstractmethod
     def loss(self, out: PolicyOutput, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """The objective on a micro-batch; summing it over micro-batches gives the batch objective."""
-
-
-ALGORITHMS: dict[str, tuple[type, type[Algorithm]]] = {}
-"""Agent name -> (config class, algorithm class); filled by `register_algorithm`."""
-
-
-def register_algorithm(name: str, config_class: type, algorithm_class: type[Algorithm]) -> None:
-    from agents.config import register_agent
-
-    if name in ALGORITHMS and ALGORITHMS[name] != (config_class, algorithm_class):
-        raise ValueError(f"algorithm {name!r} is already registered")
-    ALGORITHMS[name] = (config_class, algorithm_class)
-    register_agent(name, config_class)
-
-
-def make_algorithm(
-    config: Any, train: TrainConfig, budget: BudgetConfig, seed: int, max_new_tokens: int
-) -> Algorithm:
-    name = getattr(config, "name", None)
-    if name not in ALGORITHMS:
-        raise unknown_name("agent", name, ALGORITHMS, field="agent.name")
-    return ALGORITHMS[name][1](config, train, budget, seed, max_new_tokens)
 
 
 def trimmed(batch: Rollout) -> Rollout:

@@ -1,9 +1,8 @@
-"""Typed settings of runs, mapped onto Hydra's config groups (structured configs).
+"""Typed settings of runs: the dataclasses Hydra's config groups map onto (structured configs).
 
-Each group option in `configs/<group>/<name>.yaml` starts from a schema stored here
-(`base_<group>_<name>` or `base_<group>`), so a misspelt key or a wrong type is an error at
-start-up, and every value is checked again in its dataclass's `__post_init__` when the run
-builds its config objects (`OmegaConf.to_object`), before any model is loaded.
+Every value is checked in its dataclass's `__post_init__` when a run builds its config objects,
+before any model is loaded. Each agent's own settings live beside its algorithm (agents.gapg.GAPGConfig,
+...) and extend `AgentConfig`; agents.registry stores every schema in Hydra's ConfigStore.
 """
 
 from __future__ import annotations
@@ -11,33 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
-from collab_env.cloud import CLOUD_CONFIGS, cloud_config
-from collab_env.config import BudgetConfig, DeviceConfig, EnvConfig, TaskConfig
-from collab_env.errors import ConfigError, unknown_name
-
-AGENT_CONFIGS: dict[str, type] = {}
-"""Agent name (the `agent` group option) -> its settings dataclass; filled by `register_agent`."""
-
-
-EXTERNAL_TRAINERS: dict[str, str] = {}
-"""Agent name -> "module:function(run, run_dir) -> metrics" for agents trained by another library
-(Stable-Baselines3, Tianshou) instead of the shared rollout-and-update loop."""
-
-
-def register_agent(name: str, config_class: type, external_trainer: str | None = None) -> type:
-    """File `config_class` as the schema of `agent=<name>`; a taken name with another class is an error.
-
-    `external_trainer` ("module:function") marks agents that bring their own training loop.
-    """
-    if AGENT_CONFIGS.get(name, config_class) is not config_class:
-        raise ValueError(f"agent {name!r} is already registered with {AGENT_CONFIGS[name].__name__}")
-    AGENT_CONFIGS[name] = config_class
-    if external_trainer is not None:
-        EXTERNAL_TRAINERS[name] = external_trainer
-    return config_class
+from collab_env.config import BudgetConfig, DeviceConfig, EnvConfig, TaskConfig, check_range
+from collab_env.errors import ConfigError
 
 
 @dataclass
@@ -152,6 +128,50 @@ class EvalConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Fields every agent config has; each agent's own settings extend it (agents.gapg.GAPGConfig, ...)."""
+
+    name: str = ""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Optimizer steps per pass (the batch is split into this many shuffled minibatches)."""
+
+
+@dataclass
+class FormatWarmupConfig:
+    """`warmup=format_sft`: a short supervised pass before RL that teaches a pretrained instruct model
+    the answer format and the call-for-help marker (off by default, as in the paper)."""
+
+    name: str = "format_sft"
+    steps: int = 30
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Generated training examples per step."""
+    lr: float = 3e-5
+    """Peak AdamW learning rate (same schedule as tiny-arith). It trains every parameter, or only the
+    LoRA adapters when train.lora_rank > 0."""
+    marker_fraction: float = 0.1
+    """Share of targets of every level that are the call-for-help marker instead of the answer."""
+    levels: list[str] | None = None
+    """Task levels to draw examples from (None: every level)."""
+    seed: int = 0
+    """Seed of the example draws."""
+
+    def __post_init__(self) -> None:
+        if self.name != "format_sft":
+            raise ConfigError(f"warmup.name={self.name!r}; the only warm-up is format_sft (or warmup=null).")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"warmup.{name}={getattr(self, name)} must be at least 1.")
+        if self.lr <= 0:
+            raise ConfigError(f"warmup.lr={self.lr} must be positive.")
+        if self.levels is not None and not self.levels:
+            raise ConfigError("warmup.levels=[] trains on nothing: list some levels or use null for all.")
+        check_range("warmup.marker_fraction", self.marker_fraction, 0.0, 1.0)
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; the top-level node of `configs/train.yaml` and `configs/evaluate.yaml`."""
 
@@ -173,70 +193,3 @@ class RunConfig:
     """Short name of the run, used in output paths and reports."""
     run_dir: str | None = None
     """agents.evaluate: a training run directory (or a multirun sweep directory) to evaluate."""
-
-
-def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
-    store = ConfigStore.instance()
-    store.store(name="base_run", node=RunConfig)
-    store.store(group="env", name="base_env", node=EnvConfig)
-    store.store(group="task", name="base_task", node=TaskConfig)
-    store.store(group="device", name="base_device", node=DeviceConfig)
-    store.store(group="budget", name="base_budget", node=BudgetConfig)
-    store.store(group="rollout", name="base_rollout", node=RolloutConfig)
-    for name, config_class in CLOUD_CONFIGS.items():
-        store.store(group="cloud", name=f"base_cloud_{name}", node=config_class)
-    for name, config_class in AGENT_CONFIGS.items():
-        store.store(group="agent", name=f"base_agent_{name}", node=config_class)
-    from agents.warmup import FormatWarmupConfig
-
-    store.store(group="warmup", name="base_warmup_format_sft", node=FormatWarmupConfig)
-
-
-def to_objects(cfg: DictConfig | RunConfig) -> RunConfig:
-    """The validated dataclass objects of a composed config: every `__post_init__` check, then `check_run`."""
-    if isinstance(cfg, RunConfig):
-        return cfg
-    try:
-        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except Exception as err:  # OmegaConf wraps the ConfigError raised by a dataclass check
-        cause = err
-        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise
-    return check_run(run)
-
-
-def check_run(run: RunConfig) -> RunConfig:
-    """Checks across groups, which no single dataclass can make; returns `run`.
-
-    - The agent and the cloud must be what their group built: Hydra picks the class from the group
-      option, so `agent.name=nope` or `cloud.name=nope` would otherwise fail deep inside start-up.
-    - agent.minibatches must divide the sequences of a batch (train.prompts_per_step x
-      train.group_size): `update()` splits a batch into that many parts with torch.chunk and weighs
-      each as 1/minibatches of it, so uneven parts would weigh sequences unequally, and torch.chunk
-      returns fewer parts than asked when the count does not divide (12 sequences in 5 gives 4 parts).
-      micro_batch_size needs no such rule: gradients accumulate over micro-batches exactly.
-    """
-    agent_name = getattr(run.agent, "name", None)
-    if agent_name not in AGENT_CONFIGS:
-        raise unknown_name("agent", agent_name, AGENT_CONFIGS, field="agent.name")
-    if type(run.agent) is not AGENT_CONFIGS[agent_name]:
-        raise ConfigError(
-            f"agent.name={agent_name!r} does not match the settings of the chosen agent "
-            f"({type(run.agent).__name__}); pick the agent with the agent group instead (agent={agent_name})."
-        )
-    cloud_config(run.cloud)
-    sequences = run.train.prompts_per_step * run.train.group_size
-    minibatches = getattr(run.agent, "minibatches", 1)
-    if sequences % minibatches:
-        divisors = [d for d in range(1, min(sequences, 64) + 1) if sequences % d == 0]
-        raise ConfigError(
-            f"agent.minibatches={minibatches} must divide the {sequences} sequences of a batch "
-            f"(train.prompts_per_step={run.train.prompts_per_step} x train.group_size={run.train.group_size}): "
-            f"each minibatch is weighed as 1/{minibatches} of the batch. Choose one of: "
-            f"{', '.join(map(str, divisors))}."
-        )
-    return run

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from agents.rollout.base import Rollout
+from agents.batch import Rollout
 
 BUCKET_ELEMENTS = 1 << 25
 """Gradient elements per all-reduce (128 MiB in fp32): fewer calls, bounded extra memory."""

@@ -15,11 +15,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import agents.gapg  # noqa: F401  (registers the algorithms before Hydra reads the agent group)
-import agents.grpo  # noqa: F401
-import agents.ppo  # noqa: F401
 from agents.baselines import EvalContext, run_method
-from agents.config import RunConfig, register_configs, to_objects
+from agents.config import RunConfig
+from agents.registry import register_configs, to_objects
 from agents.report import write_report
 
 register_configs()

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.algorithm import AgentConfig, Algorithm, register_algorithm
+from agents.algorithm import Algorithm
+from agents.batch import Rollout
+from agents.config import AgentConfig
 from agents.policy import Policy, PolicyOutput
-from agents.rollout import Rollout
 from collab_env.errors import ConfigError
 
 SET1_RULES = ("any_local_correct", "mixed")
@@ -142,6 +143,3 @@ class GAPG(Algorithm):
     def loss(self, out: PolicyOutput, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         loss = gapg_loss(out.logprobs, batch.extras["advantages"], batch.extras["coef"])
         return loss, {"loss/policy": loss.item()}
-
-
-register_algorithm("gapg", GAPGConfig, GAPG)

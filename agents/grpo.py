@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from agents.algorithm import AgentConfig, Algorithm, register_algorithm, score_batch
+from agents.algorithm import Algorithm, score_batch
+from agents.batch import Rollout
+from agents.config import AgentConfig
 from agents.policy import Policy, PolicyOutput
-from agents.rollout import Rollout
 from collab_env.errors import ConfigError
 
 LOSS_TYPES = ("grpo", "dr_grpo")
@@ -122,7 +123,3 @@ class GRPO(Algorithm):
             loss = loss + config.beta * kl
             metrics["loss/kl"] = kl.item()
         return loss, metrics
-
-
-register_algorithm("grpo", GRPOConfig, GRPO)
-register_algorithm("dr_grpo", DrGRPOConfig, GRPO)

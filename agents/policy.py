@@ -171,7 +171,3 @@ class Policy(nn.Module):
         ).logits
         last = attention_mask.long().sum(-1) - 1
         return logits[torch.arange(len(last), device=logits.device), last, : self.vocab_size].float()
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The parameters that training changes (LoRA adapters only, when LoRA is on)."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}

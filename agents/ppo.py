@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from agents.algorithm import AgentConfig, Algorithm, register_algorithm, score_batch
+from agents.algorithm import Algorithm, score_batch
+from agents.batch import Rollout
+from agents.config import AgentConfig
 from agents.grpo import clipped_surrogate
 from agents.policy import Policy, PolicyOutput
-from agents.rollout import Rollout
 from collab_env.errors import ConfigError
 
 
@@ -109,6 +110,3 @@ class PPO(Algorithm):
             "loss/entropy": entropy.item(),
             "loss/clip_fraction": (coef * clipped).sum().item(),
         }
-
-
-register_algorithm("ppo", PPOConfig, PPO)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from agents.baselines import MethodResult
+from agents.baselines.context import MethodResult
 from agents.tradeoff import apgr, cpt, pgr
 
 CPT_TARGETS = (0.2, 0.5, 0.8)

@@ -9,7 +9,7 @@ Written against Tianshou 2.0's Algorithm/Policy API; the v1-era examples found o
     algorithm.run_training(OnPolicyTrainerParams(training_collector=collector, ...))
 
 - Routing (`DeviceCloudRouting-v0`): MLP actor and critic (Tianshou's `Net`) on the prompt features.
-- Token level (`DeviceCloud-v0`): the device LM as actor-critic (`agents.sb3.TokenActorCritic`, the same
+- Token level (`DeviceCloud-v0`): the device LM as actor-critic (agents.token_actor_critic, the same
   network as the SB3 adapter) behind `TokenActor` / `TokenCritic`, whose preprocessing casts the token
   ids to int64 (Tianshou's `Net` casts observations to float32). Same O(T^2)-per-episode cost model
   as the SB3 adapter: no KV cache, one LM forward over the whole prefix per step; the critic runs its
@@ -22,7 +22,6 @@ on the device's answer, so an unmasked policy stays valid.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,36 +32,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.config import RunConfig, register_agent
-from agents.policy import pick_device
-from agents.sb3 import (
+from agents.config import RunConfig
+from agents.external import (
     Act,
-    TokenActorCritic,
-    check_common,
-    evaluate,
+    LibraryPPOConfig,
+    fit_and_evaluate,
     fit_fingerprint,
-    load_token_actor_critic,
-    make_env_factory,
     require,
     reuse_fit,
     save_fit,
     torch_threads,
-    write_metrics,
 )
-from agents.trainer import resolve_device
+from agents.policy import pick_device
+from agents.runs import make_env_factory
+from agents.token_actor_critic import TokenActorCritic, load_token_actor_critic
 from collab_env.errors import ConfigError
 
 
 @dataclass
-class TianshouPPOConfig:
+class TianshouPPOConfig(LibraryPPOConfig):
     """Tianshou 2.x PPO on the routing or the token-level env (field names follow Tianshou 2.0's)."""
 
     name: str = "tianshou_ppo"
-    env: str = "routing"
-    """routing (DeviceCloudRouting-v0, MLP actor and critic) or token (DeviceCloud-v0, the device LM as
-    actor-critic)."""
-    features: str = "minilm"
-    """Routing env prompt features: minilm, device (mean hidden state of the device model) or ngrams."""
     max_epochs: int = 4
     """Trainer epochs; an epoch is epoch_num_steps env steps."""
     epoch_num_steps: int = 1024
@@ -71,39 +62,21 @@ class TianshouPPOConfig:
     """Env steps collected (over all sub-envs) before each PPO update."""
     update_step_num_repetitions: int = 10
     """Passes over each collected batch."""
-    batch_size: int = 64
-    """Minibatch size of the PPO update."""
-    n_envs: int = 4
-    """Sub-envs of the training DummyVectorEnv."""
     lr: float = 1e-3
     """Adam step size; 1e-3 suits the routing MLP, an LM on the token env wants ~1e-5."""
-    gamma: float = 1.0
-    """Discount; 1 because the only reward comes at the end of an episode."""
-    gae_lambda: float = 0.95
     eps_clip: float = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0
-    """Entropy bonus; keep it small on the token env's ~49k actions."""
-    max_grad_norm: float = 0.5
     advantage_normalization: bool = False
-    """Standardise advantages per minibatch (Tianshou's default is True). Off: rewards are already in
-    [0, 1], and once the router is nearly deterministic the standardisation blows the noise of near-zero
-    advantages up to unit size, which can tip a good router into calling the cloud on every prompt."""
+    """Standardise advantages per minibatch (Tianshou's default is True; see LibraryPPOConfig for why not)."""
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
     """Hidden layers of the routing env's actor and critic MLPs."""
-    num_threads: int = 1
-    """CPU threads torch may use during the run (0 keeps torch's default). One is fastest for the routing
-    MLP's tiny matrices, where threads spend more on synchronising than on work; raise it for env=token."""
 
     def __post_init__(self) -> None:
-        check_common(self, "lr", "eps_clip")
+        self.check("lr", "eps_clip")
         for name in (
             "max_epochs",
             "epoch_num_steps",
             "collection_step_num_env_steps",
             "update_step_num_repetitions",
-            "batch_size",
-            "n_envs",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"agent.{name}={getattr(self, name)} must be at least 1.")
@@ -112,9 +85,6 @@ class TianshouPPOConfig:
                 f"agent.collection_step_num_env_steps={self.collection_step_num_env_steps} must be at least "
                 f"agent.n_envs={self.n_envs} (one step per sub-env per collection)."
             )
-
-
-register_agent("tianshou_ppo", TianshouPPOConfig, external_trainer="agents.tianshou:train")
 
 
 class DropInfo(gym.Wrapper):
@@ -287,13 +257,5 @@ def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None)
 
 
 def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
-    """Train `agent=tianshou_ppo` (`fit`), then evaluate greedily on held-out prompts under the
-    test-time cap; writes final_metrics.json to `run_dir` and returns `eval/` metrics (and
-    `baseline/` routers on the routing env)."""
-    run_dir = Path(run_dir)
-    run = dataclasses.replace(run, device=resolve_device(run))
-    act_for = fit(run, run_dir, env_kwargs)
-    with torch_threads(run.agent.num_threads):
-        metrics = evaluate(run, run.agent.env, run.agent.features, act_for, env_kwargs)
-    write_metrics(run_dir, metrics)
-    return metrics
+    """Train `agent=tianshou_ppo` (`fit`), then evaluate it on held-out prompts (`fit_and_evaluate`)."""
+    return fit_and_evaluate(fit, run, run_dir, env_kwargs)

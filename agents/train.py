@@ -7,20 +7,16 @@ from its newest checkpoint (`train.resume=auto`). A sweep: `python -m agents.tra
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import agents.gapg  # noqa: F401  (registers the algorithms before Hydra reads the agent group)
-import agents.grpo  # noqa: F401
-import agents.ppo  # noqa: F401
-import agents.sb3  # noqa: F401  (Stable-Baselines3 adapter, agent=sb3_ppo)
-import agents.tianshou  # noqa: F401  (Tianshou adapter, agent=tianshou_ppo)
-from agents.config import EXTERNAL_TRAINERS, RunConfig, register_configs, to_objects
-from agents.trainer import Trainer, make_train_env
+from agents.config import RunConfig
+from agents.registry import AGENTS, register_configs, to_objects
+from agents.runs import make_env
+from agents.trainer import Trainer
 from collab_env.cloud import check_cloud
 from collab_env.config import SimulatedCloudConfig
 
@@ -37,7 +33,7 @@ def preflight(run: RunConfig) -> None:
     env.max_prompt_tokens fails now rather than when it is first drawn, maybe hours into training.
     """
     check_cloud(run.cloud)
-    env = make_train_env(dataclasses.replace(run, cloud=SimulatedCloudConfig(cache_path=":memory:")))
+    env = make_env(dataclasses.replace(run, cloud=SimulatedCloudConfig(cache_path=":memory:")))
     try:
         env.unwrapped.check_prompts()
     finally:
@@ -48,9 +44,9 @@ def train(cfg: DictConfig | RunConfig, run_dir: Path) -> dict[str, float]:
     """What `python -m agents.train` runs: check the config, check what needs no weights, then train."""
     run = to_objects(cfg)
     preflight(run)
-    if run.agent.name in EXTERNAL_TRAINERS:
-        module, function = EXTERNAL_TRAINERS[run.agent.name].split(":")
-        return getattr(importlib.import_module(module), function)(run, run_dir)
+    own_loop = AGENTS[run.agent.name].train
+    if own_loop is not None:
+        return own_loop(run, run_dir)
     return Trainer(run, run_dir).fit()
 
 

@@ -10,74 +10,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
-import collab_env  # noqa: F401  (registers DeviceCloud-v0)
 from agents import distributed
-from agents.algorithm import make_algorithm, score_batch, single_update, update
-from agents.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from agents.algorithm import score_batch, single_update, update
+from agents.batch import Rollout
+from agents.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from agents.config import RunConfig
-from agents.evaluation import EvalResult, evaluate_policy, make_eval_env
+from agents.evaluation import EvalResult, evaluate_policy
+from agents.metrics import rollout_metrics
 from agents.policy import Policy, pick_device
-from agents.rollout import Rollout, make_rollout
+from agents.registry import make_algorithm
+from agents.rollout import make_rollout
 from agents.run_log import RunLog
-from collab_env.config import BudgetConfig, DeviceConfig
-
-RESUME_MUST_MATCH = ("agent", "task", "device", "env", "train.group_size", "train.prompts_per_step", "seed")
-EVALUATE_MUST_MATCH = (*RESUME_MUST_MATCH, "train.lr", "rollout.temperature")
-"""A finished run is reused by `agents.evaluate` only if trained with these settings of the config."""
-
-
-def resolve_device(run: RunConfig) -> DeviceConfig:
-    """The device config to load: models built locally (tiny-arith) are built or found in the cache first."""
-    if run.device.name == "tiny-arith" and not run.device.path:
-        from agents.warmup import ensure_tiny_arith
-
-        return ensure_tiny_arith(run.device, run.task)
-    return run.device
-
-
-def env_arguments(run: RunConfig, budget: BudgetConfig | None = None, split: str = "train") -> dict[str, Any]:
-    """The arguments every environment of a run takes (token env and routing env alike)."""
-    return {
-        "task": run.task,
-        "device": run.device,
-        "cloud": run.cloud,
-        "budget": budget or run.budget,
-        "reward": run.env.reward,
-        "max_new_tokens": run.env.max_new_tokens,
-        "max_prompt_tokens": run.env.max_prompt_tokens,
-        "marker_match": run.env.marker_match,
-        "split": split,
-    }
-
-
-def make_train_env(run: RunConfig, budget: BudgetConfig | None = None, split: str = "train") -> gym.Env:
-    return gym.make("DeviceCloud-v0", **env_arguments(run, budget, split))
-
-
-def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    """`env/` metrics of a scored batch: reward, outcome fractions, help rate (overall and per task
-    level, which shows whether the device learns *where* to call), completion length."""
-    n = len(rollout.infos)
-    outcomes = [info["outcome"] for info in rollout.infos]
-    metrics = {
-        "env/reward": float(rollout.rewards.mean()),
-        "env/local_correct": outcomes.count("local_correct") / n,
-        "env/cloud_correct": outcomes.count("cloud_correct") / n,
-        "env/wrong": outcomes.count("wrong") / n,
-        "env/help_rate": sum(info["called_help"] for info in rollout.infos) / n,
-        "env/completion_tokens": float(rollout.completion_mask.sum(1).mean()),
-    }
-    calls_by_level: dict[str, list[bool]] = {}
-    for info in rollout.infos:
-        calls_by_level.setdefault(info["level"], []).append(info["called_help"])
-    if len(calls_by_level) > 1:
-        for level, calls in sorted(calls_by_level.items()):
-            metrics[f"env/help_rate/{level}"] = sum(calls) / len(calls)
-    return metrics
+from agents.runs import check_same_run, config_snapshot, make_env, make_eval_env, resolve_device
+from agents.supervised import format_warmup
 
 
 class Trainer:
@@ -91,7 +39,7 @@ class Trainer:
         self.device = distributed.init(pick_device(run.train.device))
         device_config = resolve_device(run)
         self.run = run = dataclasses.replace(run, device=device_config)
-        self.env = make_train_env(run)
+        self.env = make_env(run)
         self.algorithm = make_algorithm(run.agent, run.train, run.budget, run.seed, run.env.max_new_tokens)
         self.policy = Policy.load(
             device_config,
@@ -101,8 +49,6 @@ class Trainer:
             self.algorithm.needs_values,
         )
         if run.warmup is not None:
-            from agents.warmup import format_warmup
-
             format_warmup(self.policy, run)
         self.reference = None
         distributed.broadcast_parameters(self.policy)
@@ -247,30 +193,3 @@ class Trainer:
         return save_checkpoint(
             self.run_dir, step, self.policy, self.optimizer, self.scheduler, extra, self.train.keep_last
         )
-
-
-def config_snapshot(run: RunConfig) -> dict[str, Any]:
-    """The run's settings as JSON values, as checkpoints store them."""
-    return json.loads(json.dumps(dataclasses.asdict(run), default=str))
-
-
-def check_same_run(checkpoint: Path, saved: dict[str, Any], run: RunConfig, purpose: str = "resume") -> None:
-    """Raise CheckpointError when `checkpoint` (whose state.json config is `saved`) was made with other
-    settings than `run` in what `purpose` needs to match: RESUME_MUST_MATCH to resume from it,
-    EVALUATE_MUST_MATCH to evaluate it as the run's result."""
-    resuming = purpose == "resume"
-    now = config_snapshot(run)
-    for key in RESUME_MUST_MATCH if resuming else EVALUATE_MUST_MATCH:
-        before, after = _dig(saved, key), _dig(now, key)
-        if before != after:
-            raise CheckpointError(
-                f"cannot {'resume from' if resuming else purpose} {checkpoint}: its {key} was {before}, "
-                f"this run has {after}. Use a new run directory (another `name=`, or hydra.run.dir=...) or "
-                f"delete the old one{', or set train.resume=never' if resuming else ''}."
-            )
-
-
-def _dig(tree: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-    return tree

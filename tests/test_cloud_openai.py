@@ -381,7 +381,7 @@ def test_hydra_option_builds_the_openai_config():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from agents.config import register_configs
+    from agents.registry import register_configs
 
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"

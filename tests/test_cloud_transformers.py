@@ -170,7 +170,7 @@ def test_hydra_option_builds_the_transformers_config(model_dir):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from agents.config import register_configs
+    from agents.registry import register_configs
 
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"

@@ -73,7 +73,7 @@ def test_hydra_option_builds_the_vllm_config():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from agents.config import register_configs
+    from agents.registry import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):

@@ -14,14 +14,13 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import agents.grpo  # noqa: F401  (registers the algorithms)
-import agents.ppo  # noqa: F401
 from agents import distributed
-from agents.algorithm import make_algorithm, update
-from agents.config import TrainConfig, register_configs, to_objects
+from agents.algorithm import update
+from agents.batch import Rollout
+from agents.config import TrainConfig
 from agents.grpo import GRPOConfig
 from agents.policy import Policy
-from agents.rollout import Rollout
+from agents.registry import make_algorithm, register_configs, to_objects
 from agents.trainer import Trainer
 from collab_env.config import BudgetConfig
 

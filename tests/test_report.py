@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from test_train_smoke import CONFIGS
 
 from agents.checkpoint import CheckpointError
-from agents.config import register_configs, to_objects
 from agents.evaluate import evaluate
+from agents.registry import register_configs, to_objects
 from agents.report import main
 
 

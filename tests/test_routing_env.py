@@ -14,7 +14,8 @@ from gymnasium.utils.env_checker import check_env
 
 import collab_env.routing_env as routing
 from collab_env import HELP_MARKER, IllegalActionError
-from collab_env.routing_env import CLOUD_ACTION, DEVICE_ACTION, greedy_completions, scripted_device
+from collab_env.features import NGRAM_DIM, greedy_completions, task_identity
+from collab_env.routing_env import CLOUD_ACTION, DEVICE_ACTION, scripted_device
 from collab_env.tasks import make_task
 
 EASY = ("add2", "add2_carry", "mul21")
@@ -45,7 +46,7 @@ def test_passes_gymnasium_and_sb3_env_checkers(make_routing):
     check_env(env.unwrapped)
     sb3_check_env(env.unwrapped)
     obs, info = env.reset(seed=0)
-    assert obs.dtype == np.float32 and obs.shape == (routing.NGRAM_DIM + 2,)
+    assert obs.dtype == np.float32 and obs.shape == (NGRAM_DIM + 2,)
     assert env.observation_space.contains(obs)
     env.step(CLOUD_ACTION)
     assert "cloud" in env.render()
@@ -209,7 +210,7 @@ def test_cache_key_changes_with_the_questions_even_when_the_file_stamp_does_not(
         rows = [{"problem": f"What is {i}+1?", "solution": f"$\\boxed{{{i + 1}}}$"} for i in numbers]
         path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         os.utime(path, ns=(0, 0))  # the same size and modification time for both versions
-        return routing.task_identity(make_task({"name": "jsonl_math", "path": str(path)}))
+        return task_identity(make_task({"name": "jsonl_math", "path": str(path)}))
 
     first = write(range(10, 20))
     assert write(range(10, 20)) == first

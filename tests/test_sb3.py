@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from agents.config import RunConfig, TrainConfig
-from agents.sb3 import SB3PPOConfig, build_model, lm_policy_class, torch_threads, train
+from agents.external import torch_threads
+from agents.sb3 import SB3PPOConfig, build_model, lm_policy_class, train
 from collab_env import ConfigError
 from collab_env.config import DeviceConfig, EnvConfig, SimulatedCloudConfig, TaskConfig
 from collab_env.routing_env import scripted_device
@@ -123,7 +124,7 @@ def test_bad_settings_name_the_field(fields, message):
 def test_hydra_agent_option_builds_the_config():
     from hydra import compose, initialize_config_dir
 
-    from agents.config import register_configs, to_objects
+    from agents.registry import register_configs, to_objects
 
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"

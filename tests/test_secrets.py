@@ -195,7 +195,7 @@ def test_the_api_key_appears_nowhere_after_a_training_run(key, hostile, tmp_path
 
     import agents.train
     import collab_env.scoring
-    from agents.config import register_configs
+    from agents.registry import register_configs
 
     monkeypatch.setenv(KEY_VAR, key)
     # The tiny random device model never asks for help on its own; here every completion does.

@@ -28,17 +28,16 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import agents.gapg  # noqa: F401  (registers the algorithms)
-import agents.grpo  # noqa: F401
-from agents.algorithm import make_algorithm, score_batch, update
+from agents.algorithm import score_batch, update
+from agents.batch import Rollout, pad_batch
 from agents.config import RolloutConfig, TrainConfig
 from agents.gapg import GAPGConfig
 from agents.grpo import GRPOConfig
 from agents.policy import Policy
-from agents.rollout import Generation, Rollout, pad_batch
+from agents.registry import make_algorithm
 from agents.rollout.hf import HFRollout, StaticKVDecoder
 from collab_env.config import BudgetConfig, DeviceConfig
-from collab_env.decoding import DecodeRequest, decode_dynamic, inverse_cdf_sample, sample_tokens
+from collab_env.decoding import DecodeRequest, Generation, decode_dynamic, inverse_cdf_sample, sample_tokens
 from collab_env.models import load_model, load_tokenizer, tiny_llama_config
 
 VOCAB = 300

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from agents.config import RunConfig, TrainConfig
-from agents.sb3 import torch_threads
+from agents.external import torch_threads
 from agents.tianshou import DropInfo, TianshouPPOConfig, TokenActor, build_algorithm, policy_act, train
 from collab_env import ConfigError
 from collab_env.config import DeviceConfig, EnvConfig, SimulatedCloudConfig, TaskConfig
@@ -114,7 +114,7 @@ def test_bad_settings_name_the_field(fields, message):
 def test_hydra_agent_option_builds_the_config():
     from hydra import compose, initialize_config_dir
 
-    from agents.config import register_configs, to_objects
+    from agents.registry import register_configs, to_objects
 
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"

@@ -15,11 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-import agents.gapg  # noqa: F401
-import agents.grpo  # noqa: F401
-import agents.ppo  # noqa: F401
 from agents.checkpoint import list_checkpoints
-from agents.config import register_configs, to_objects
+from agents.registry import register_configs, to_objects
 from agents.trainer import Trainer
 from collab_env.errors import ConfigError
 

@@ -1,8 +1,9 @@
-"""agents.warmup: tiny-arith is built deterministically, cached per recipe, and plays DeviceCloud-v0;
+"""agents.tiny_arith and agents.supervised: tiny-arith is built deterministically, cached per recipe, and plays DeviceCloud-v0;
 the recipe and the format warm-up are checked; the shared-prefix loss equals a plain forward."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import agents.warmup as warmup
-from agents.config import RolloutConfig
+import agents.supervised as supervised
+import agents.tiny_arith as tiny_arith
+from agents.config import FormatWarmupConfig, RolloutConfig
 from agents.evaluation import evaluate_policy
 from agents.policy import Policy
 from collab_env import ConfigError, DeviceConfig, TaskConfig
@@ -45,21 +47,21 @@ def cache(tmp_path, monkeypatch, tokenizer_files) -> Path:
 
 def test_recipe_rejects_unknown_keys_and_bad_values(cache):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['stepz'\].*Valid keys: .*steps"):
-        warmup.ensure_tiny_arith(tiny(stepz=3), TASK)
+        tiny_arith.ensure_tiny_arith(tiny(stepz=3), TASK)
     with pytest.raises(ConfigError, match="device.recipe.marker_fraction"):
-        warmup.ensure_tiny_arith(tiny(marker_fraction=1.5), TASK)
+        tiny_arith.ensure_tiny_arith(tiny(marker_fraction=1.5), TASK)
     with pytest.raises(ConfigError, match=r"device.recipe.levels.*no level\(s\) \['add4'\]"):
-        warmup.ensure_tiny_arith(tiny(levels=["add2", "add4"]), TASK)
+        tiny_arith.ensure_tiny_arith(tiny(levels=["add2", "add4"]), TASK)
     with pytest.raises(ConfigError, match=r"device.recipe.extra_templates.*answer_tags"):
-        warmup.ensure_tiny_arith(tiny(extra_templates=["boxed"]), TASK)
+        tiny_arith.ensure_tiny_arith(tiny(extra_templates=["boxed"]), TASK)
     assert not list((cache / "models").glob("tiny-arith-*"))
 
 
 def test_build_is_deterministic_cached_and_keyed_by_recipe(cache, tmp_path, monkeypatch):
-    built = warmup.ensure_tiny_arith(tiny(), TASK)
+    built = tiny_arith.ensure_tiny_arith(tiny(), TASK)
     folder = Path(built.path)
     assert built.name == "tiny-arith" and folder.parent == cache / "models"
-    record = warmup.json.loads((folder / "recipe.json").read_text())
+    record = json.loads((folder / "recipe.json").read_text())
     assert len(record["build"]["losses"]) == 3 and record["recipe"]["steps"] == 3
     assert not list(folder.parent.glob("*.tmp-*"))
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
@@ -68,13 +70,13 @@ def test_build_is_deterministic_cached_and_keyed_by_recipe(cache, tmp_path, monk
         raise AssertionError("a cached model was rebuilt")
 
     with monkeypatch.context() as patch:
-        patch.setattr(warmup, "build_tiny_arith", no_rebuild)
-        assert warmup.ensure_tiny_arith(tiny(), TASK).path == built.path
+        patch.setattr(tiny_arith, "build_tiny_arith", no_rebuild)
+        assert tiny_arith.ensure_tiny_arith(tiny(), TASK).path == built.path
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
-    changed = warmup.ensure_tiny_arith(tiny(lr=1e-3), TASK)
+    changed = tiny_arith.ensure_tiny_arith(tiny(lr=1e-3), TASK)
     assert changed.path != built.path and Path(changed.path).is_dir()
-    assert warmup.ensure_tiny_arith(tiny(), TaskConfig(num_train=40, num_test=12)).path not in (
+    assert tiny_arith.ensure_tiny_arith(tiny(), TaskConfig(num_train=40, num_test=12)).path not in (
         built.path,
         changed.path,
     )
@@ -86,18 +88,16 @@ def test_build_is_deterministic_cached_and_keyed_by_recipe(cache, tmp_path, monk
         other / "models" / "smollm2-135m-instruct-tokenizer",
     )
     monkeypatch.setenv("DEVICECLOUD_CACHE", str(other))
-    again = Path(warmup.ensure_tiny_arith(tiny(), TASK).path)
+    again = Path(tiny_arith.ensure_tiny_arith(tiny(), TASK).path)
     assert again.parent == other / "models" and again.name == folder.name
-    assert (
-        warmup.json.loads((again / "recipe.json").read_text())["build"]["losses"] == record["build"]["losses"]
-    )
+    assert json.loads((again / "recipe.json").read_text())["build"]["losses"] == record["build"]["losses"]
     first, second = load_file(folder / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("marker_fraction", [0.0, 1.0])
 def test_built_model_loads_and_plays_the_env(cache, marker_fraction):
-    device = warmup.ensure_tiny_arith(
+    device = tiny_arith.ensure_tiny_arith(
         DeviceConfig(
             name="tiny-arith",
             **SHAPE,
@@ -121,11 +121,11 @@ def test_built_model_loads_and_plays_the_env(cache, marker_fraction):
 def test_compact_shared_prefix_loss_equals_the_full_models_plain_forward(cache):
     from transformers import AutoModelForCausalLM
 
-    env = warmup.prompt_env(TASK, DeviceConfig(name="tiny-random"))
-    data = warmup.SupervisedData(env, env.unwrapped.task.problems("train"), marker_fraction=0.5)
+    env = supervised.prompt_env(TASK, DeviceConfig(name="tiny-random"))
+    data = supervised.SupervisedData(env, env.unwrapped.task.problems("train"), marker_fraction=0.5)
     batch = data.draw(6, np.random.default_rng(0))
     assert any(batch.markers) and not all(batch.markers)
-    vocabulary = warmup.CompactVocabulary.of(data.token_ids(), data.vocab_size)
+    vocabulary = supervised.CompactVocabulary.of(data.token_ids(), data.vocab_size)
     tokenizer = load_tokenizer("tiny-random")
     device = DeviceConfig(name="tiny-arith", **SHAPE)
     torch.manual_seed(0)
@@ -142,16 +142,16 @@ def test_compact_shared_prefix_loss_equals_the_full_models_plain_forward(cache):
     logits = full(input_ids=rows).logits[:, len(batch.prefix) :].float()
     predicts = batch.labels != -100
     plain = torch.nn.functional.cross_entropy(logits[predicts], batch.labels[predicts])
-    assert torch.allclose(warmup.completion_loss(full, batch), plain, atol=1e-5)
-    compacted = warmup.completion_loss(compact, vocabulary.compact(batch), vocabulary.log_zero_rows)
+    assert torch.allclose(supervised.completion_loss(full, batch), plain, atol=1e-5)
+    compacted = supervised.completion_loss(compact, vocabulary.compact(batch), vocabulary.log_zero_rows)
     assert torch.allclose(compacted, plain, atol=1e-5)
 
 
 def test_format_warmup_lowers_the_loss_and_is_a_hydra_option(cache):
     from hydra import compose, initialize_config_dir
 
-    import agents.gapg  # noqa: F401  (the train config's default agent)
-    from agents.config import RunConfig, register_configs, to_objects
+    from agents.config import RunConfig
+    from agents.registry import register_configs, to_objects
 
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -160,7 +160,7 @@ def test_format_warmup_lowers_the_loss_and_is_a_hydra_option(cache):
             config_name="train", overrides=["experiment=smoke", "+warmup=format_sft", "warmup.steps=8"]
         )
     run = to_objects(cfg)
-    assert isinstance(run.warmup, warmup.FormatWarmupConfig) and run.warmup.steps == 8
+    assert isinstance(run.warmup, FormatWarmupConfig) and run.warmup.steps == 8
     run = RunConfig(
         task=TASK,
         device=DeviceConfig(name="tiny-random", **SHAPE),
@@ -168,10 +168,10 @@ def test_format_warmup_lowers_the_loss_and_is_a_hydra_option(cache):
     )
     policy = Policy.load(run.device)
     before = [p.detach().clone() for p in policy.model.parameters()]
-    losses = warmup.format_warmup(policy, run)
+    losses = supervised.format_warmup(policy, run)
     assert len(losses) == 8 and losses[-1] < 0.7 * losses[0]
     after = list(policy.model.parameters())
     assert all(p.requires_grad for p in after) and not policy.model.training  # still trainable, mode kept
     assert not all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
     with pytest.raises(ConfigError, match="warmup.marker_fraction"):
-        warmup.FormatWarmupConfig(marker_fraction=-0.1)
+        FormatWarmupConfig(marker_fraction=-0.1)

@@ -1,6 +1,6 @@
 """Methods compared on held-out prompts (paper-spec section 6). Each is a function
-`(EvalContext) -> MethodResult` registered by name with `@method`; `agents.evaluate` runs those
-listed in `evaluate.methods`.
+`(EvalContext) -> MethodResult` listed by name in `METHODS`; `agents.evaluate` runs those named in
+`evaluate.methods`.
 
 | name             | what it is                                                                 |
 |------------------|----------------------------------------------------------------------------|
@@ -11,141 +11,46 @@ listed in `evaluate.methods`.
 | `random_offload` | task-tuned device, a random rho/(1+rho) share of questions to the cloud     |
 | `prompt_router`  | task-tuned device + classifier on prompt embeddings, threshold at the budget |
 | `oracle_router`  | task-tuned device, offloads exactly the questions it gets wrong (upper bound) |
+| `sb3_router`     | task-tuned device + SB3 PPO router trained on DeviceCloudRouting-v0         |
+| `tianshou_router` | task-tuned device + Tianshou PPO router trained on DeviceCloudRouting-v0   |
 | `collab_grpo`    | hierarchical reward + GRPO, no filtering (Collaboration-Aware Tuning, v1)   |
 | `collab_dr_grpo` | hierarchical reward + Dr. GRPO, no filtering (Collaboration-Aware Tuning, v3) |
+| `ppo`            | hierarchical reward + token-level PPO with a value head                    |
 | `gapg`           | GAPG (the paper's method)                                                  |
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import gymnasium as gym
-
-from agents.config import RolloutConfig, RunConfig
-from agents.evaluation import evaluate_policy, summarize
-from agents.policy import Policy, pick_device
-from collab_env.config import BudgetConfig
+from agents.baselines import reference, routers, trained
+from agents.baselines.context import EvalContext, MethodResult
 from collab_env.errors import unknown_name
 
-
-@dataclass
-class MethodResult:
-    """Per-prompt final infos of a method on the held-out prompts (after the test-time cap)."""
-
-    name: str
-    label: str
-    infos: list[dict[str, Any]]
-    curve: list[tuple[float, float]] = field(default_factory=list)
-    """Accuracy-vs-cloud-rate points without the cap (router threshold sweeps, budget sweeps)."""
-    training_metrics: Path | None = None
-    """metrics.csv of the training run behind this method, if any."""
-    extra: dict[str, float] = field(default_factory=dict)
-    """Method-specific diagnostics (e.g. the router's classification accuracy)."""
-
-    def metrics(self) -> dict[str, float]:
-        return {**summarize(self.infos), **self.extra}
-
-
-class EvalContext:
-    """What every method needs: the settings, the held-out prompt ids, scoring envs and models.
-
-    Trained methods train their run under `<experiment dir>/runs/` when it is missing (or
-    unfinished) and `evaluate.train_missing` is true; reruns reuse finished runs.
-    """
-
-    def __init__(self, run: RunConfig, experiment_dir: Path) -> None:
-        from agents.trainer import resolve_device
-
-        self.run = run
-        self.experiment_dir = Path(experiment_dir)
-        self.device = pick_device(run.train.device)
-        self.device_config = resolve_device(run)
-        self.run = dataclasses.replace(run, device=self.device_config)
-        problems = self.env(budget=BudgetConfig(mode="none")).unwrapped.task.problems(run.evaluate.split)
-        limit = run.evaluate.num_prompts or len(problems)
-        self.prompt_ids = [p.id for p in problems[:limit]]
-        self._policies: dict[str, Policy] = {}
-        self._cache: dict[str, Any] = {}
-
-    def env(
-        self, template: str | None = None, budget: BudgetConfig | None = None, split: str | None = None
-    ) -> gym.Env:
-        """A scoring env; `template` overrides the task's prompt template, the budget defaults to the cap."""
-        from agents.trainer import make_train_env
-
-        run = self.run
-        if template is not None:
-            run = dataclasses.replace(run, task=dataclasses.replace(run.task, template=template))
-        return make_train_env(run, budget=budget or self.capped(), split=split or run.evaluate.split)
-
-    def capped(self, num_prompts: int | None = None) -> BudgetConfig:
-        """The test-time cap: floor(rho/(1+rho) * N) calls over N prompts, first come first served."""
-        return BudgetConfig(
-            mode="cap", ratio=self.run.budget.ratio, window=num_prompts or len(self.prompt_ids)
-        )
-
-    @property
-    def share_cap(self) -> int:
-        return int(self.run.budget.share * len(self.prompt_ids) + 1e-9)
-
-    def greedy(
-        self, policy: Policy, env: gym.Env, prompt_ids: list[int] | None = None
-    ) -> list[dict[str, Any]]:
-        """Greedy completions of the held-out prompts (or `prompt_ids`), scored in order by `env`."""
-        config = RolloutConfig(max_batch=self.run.evaluate.max_batch)
-        ids = self.prompt_ids if prompt_ids is None else prompt_ids
-        return evaluate_policy(policy, env, ids, config, self.run.evaluate.max_batch).infos
-
-    def untrained_policy(self) -> Policy:
-        if "untrained" not in self._policies:
-            self._policies["untrained"] = Policy.load(self.device_config, self.device)
-        return self._policies["untrained"]
-
-    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
-        """Results shared between methods (e.g. the task-tuned model's local answers)."""
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
-
-    def cloud_correct(self, prompt_ids: list[int], split: str | None = None) -> list[bool]:
-        """Whether the cloud answers each prompt correctly (cached answers; no budget)."""
-
-        def compute() -> list[bool]:
-            env = self.env(budget=BudgetConfig(mode="none"), split=split)
-            help_action = env.unwrapped.help_action
-            scored = env.unwrapped.score_many(prompt_ids, [[help_action]] * len(prompt_ids))
-            return [bool(info["cloud_correct"]) for _, info in scored]
-
-        return self.memo(f"cloud:{split}:{len(prompt_ids)}:{prompt_ids[:1]}", compute)
-
-
 Method = Callable[[EvalContext], MethodResult]
-METHODS: dict[str, Method] = {}
 
-
-def method(name: str) -> Callable[[Method], Method]:
-    """Register a method under `name` (a second method under a taken name is an error)."""
-
-    def register(function: Method) -> Method:
-        if name in METHODS and METHODS[name] is not function:
-            raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = function
-        return function
-
-    return register
+METHODS: dict[str, Method] = {
+    "cloud_only": reference.cloud_only,
+    "device_only": reference.device_only,
+    "device_with_help": reference.device_with_help,
+    "task_tuning": trained.task_tuning,
+    "random_offload": routers.random_offload,
+    "prompt_router": routers.prompt_router,
+    "oracle_router": routers.oracle_router,
+    "sb3_router": routers.sb3_router,
+    "tianshou_router": routers.tianshou_router,
+    "collab_grpo": trained.collab_grpo,
+    "collab_dr_grpo": trained.collab_dr_grpo,
+    "ppo": trained.ppo,
+    "gapg": trained.gapg,
+}
 
 
 def run_method(name: str, ctx: EvalContext) -> MethodResult:
+    """The result of the method `name` (one of `evaluate.methods`) on the context's held-out prompts."""
     if name not in METHODS:
         raise unknown_name("method", name, METHODS, field="evaluate.methods")
     return METHODS[name](ctx)
 
 
-from agents.baselines import reference, routers, trained  # noqa: E402,F401  (register the methods)
-
-__all__ = ["METHODS", "EvalContext", "MethodResult", "method", "run_method"]
+__all__ = ["METHODS", "EvalContext", "MethodResult", "run_method"]

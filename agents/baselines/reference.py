@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from agents.baselines import EvalContext, MethodResult, method
+from agents.baselines.context import EvalContext, MethodResult
 from collab_env.config import BudgetConfig
 
 
-@method("device_only")
 def device_only(ctx: EvalContext) -> MethodResult:
     """The untrained device answers everything (plain template: no help option, no cloud)."""
     env = ctx.env(template="plain", budget=BudgetConfig(mode="cap", ratio=0.0))
     return MethodResult("device_only", "Device only (untrained)", ctx.greedy(ctx.untrained_policy(), env))
 
 
-@method("device_with_help")
 def device_with_help(ctx: EvalContext) -> MethodResult:
     """The untrained device with the help option, under the test-time cap (where training starts)."""
     return MethodResult(
@@ -21,7 +19,6 @@ def device_with_help(ctx: EvalContext) -> MethodResult:
     )
 
 
-@method("cloud_only")
 def cloud_only(ctx: EvalContext) -> MethodResult:
     """Every question goes to the cloud, without a cap: the upper bound."""
     env = ctx.env(budget=BudgetConfig(mode="none"))

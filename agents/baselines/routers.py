@@ -19,10 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.baselines import EvalContext, MethodResult, method
+from agents import sb3, tianshou
+from agents.baselines.context import EvalContext, MethodResult
 from agents.baselines.trained import trained_policy
+from agents.external import Fit, run_episodes
+from agents.runs import make_eval_env
 from agents.tradeoff import route, threshold_curve
 from collab_env.config import BudgetConfig
+from collab_env.features import minilm_features
 
 CURVE_RATES = tuple(i / 20 for i in range(1, 20))
 
@@ -45,7 +49,6 @@ def _held_out(ctx: EvalContext) -> tuple[list[dict[str, Any]], list[bool]]:
     return tuned_local(ctx, ctx.run.evaluate.split, ctx.prompt_ids), ctx.cloud_correct(ctx.prompt_ids)
 
 
-@method("random_offload")
 def random_offload(ctx: EvalContext) -> MethodResult:
     """A random rho/(1+rho) share of the questions goes to the cloud (task-tuning & naive offloading)."""
     local, cloud = _held_out(ctx)
@@ -58,7 +61,6 @@ def random_offload(ctx: EvalContext) -> MethodResult:
     return MethodResult("random_offload", "Task-tuning + random offload", infos, curve)
 
 
-@method("oracle_router")
 def oracle_router(ctx: EvalContext) -> MethodResult:
     """Offloads exactly the questions the task-tuned device gets wrong, up to the budget (an upper bound)."""
     local, cloud = _held_out(ctx)
@@ -94,11 +96,8 @@ def calibrated_threshold(scores: np.ndarray, share: float) -> float:
     return float(np.quantile(scores, 1.0 - share)) if len(scores) else 0.0
 
 
-@method("prompt_router")
 def prompt_router(ctx: EvalContext) -> MethodResult:
     """Task-tuning + a learned prompt router (classifier on question embeddings, threshold at the budget)."""
-    from collab_env.routing_env import minilm_features
-
     task = ctx.env(budget=BudgetConfig(mode="none")).unwrapped.task
     train_ids = [p.id for p in task.problems("train")[: ctx.run.evaluate.router_prompts]]
     train_local = tuned_local(ctx, "train", train_ids)
@@ -138,41 +137,35 @@ def routing_device_answers(ctx: EvalContext) -> dict[int, str]:
     return answers
 
 
-def learned_router(
-    ctx: EvalContext, name: str, module_name: str, agent_name: str, label: str
-) -> MethodResult:
+def learned_router(ctx: EvalContext, name: str, label: str, agent: Any, fit: Fit) -> MethodResult:
     """Task-tuning + a PPO router trained on `DeviceCloudRouting-v0` by an external RL library.
 
     The routing env holds the task-tuned device's answers, so the router learns from the rewards of
-    routing that device's prompts (training split, MiniLM features); it is then run greedily on the
+    routing that device's prompts (training split, `agent`'s features); it is then run greedily on the
     held-out prompts under the test-time cap. Its run lives in `runs/<agent>-routing/seed<seed>/`.
     """
-    import importlib
-
-    from agents.config import AGENT_CONFIGS
-    from agents.sb3 import make_eval_env, run_episodes
-
-    module = importlib.import_module(module_name)  # registers the agent's config
-    run = dataclasses.replace(ctx.run, agent=AGENT_CONFIGS[agent_name]())
+    run = dataclasses.replace(ctx.run, agent=agent)
     env_kwargs = {"device_answers": ctx.memo("routing-answers", lambda: routing_device_answers(ctx))}
-    run_dir = ctx.experiment_dir / "runs" / f"{agent_name}-routing" / f"seed{run.seed}"
-    print(f"[evaluate] training the {agent_name} router in {run_dir}", flush=True)
-    act_for = module.fit(run, run_dir, env_kwargs)
-    env = make_eval_env(run, "routing", run.agent.features, len(ctx.prompt_ids), env_kwargs)
+    run_dir = ctx.experiment_dir / "runs" / f"{agent.name}-routing" / f"seed{run.seed}"
+    print(f"[evaluate] training the {agent.name} router in {run_dir}", flush=True)
+    act_for = fit(run, run_dir, env_kwargs)
+    env = make_eval_env(run, len(ctx.prompt_ids), "routing", agent.features, env_kwargs)
     rewards, infos = run_episodes(env, act_for(env), ctx.prompt_ids)
     env.close()
     return MethodResult(name, label, infos, extra={"router/mean_reward": float(np.mean(rewards))})
 
 
-@method("sb3_router")
 def sb3_router(ctx: EvalContext) -> MethodResult:
     """Task-tuning + a Stable-Baselines3 PPO router on the routing env."""
-    return learned_router(ctx, "sb3_router", "agents.sb3", "sb3_ppo", "Task-tuning + SB3 PPO router")
+    return learned_router(ctx, "sb3_router", "Task-tuning + SB3 PPO router", sb3.SB3PPOConfig(), sb3.fit)
 
 
-@method("tianshou_router")
 def tianshou_router(ctx: EvalContext) -> MethodResult:
     """Task-tuning + a Tianshou PPO router on the routing env."""
     return learned_router(
-        ctx, "tianshou_router", "agents.tianshou", "tianshou_ppo", "Task-tuning + Tianshou PPO router"
+        ctx,
+        "tianshou_router",
+        "Task-tuning + Tianshou PPO router",
+        tianshou.TianshouPPOConfig(),
+        tianshou.fit,
     )

@@ -11,12 +11,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from agents.algorithm import ALGORITHMS
-from agents.baselines import EvalContext, MethodResult, method
+from agents.baselines.context import EvalContext, MethodResult
 from agents.checkpoint import list_checkpoints, load_checkpoint
 from agents.config import RunConfig
-from agents.evaluation import summarize
+from agents.metrics import summarize
 from agents.policy import Policy
+from agents.registry import AGENTS
+from agents.runs import check_same_run, held_out_cap
+from agents.trainer import Trainer
 from collab_env.config import BudgetConfig
 from collab_env.errors import DeviceCloudError
 
@@ -27,7 +29,7 @@ class MissingRunError(DeviceCloudError):
 
 def variant(run: RunConfig, agent_name: str, template: str | None) -> RunConfig:
     """The run's settings with another agent (its own defaults unless it is the configured one) and template."""
-    agent = run.agent if getattr(run.agent, "name", None) == agent_name else ALGORITHMS[agent_name][0]()
+    agent = run.agent if getattr(run.agent, "name", None) == agent_name else AGENTS[agent_name].config()
     task = dataclasses.replace(run.task, template=template or run.task.template)
     return dataclasses.replace(run, agent=agent, task=task)
 
@@ -44,9 +46,7 @@ def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
 def load_trained(ctx: EvalContext, run: RunConfig, checkpoint: Path) -> Policy:
     """The policy of a finished run's last checkpoint, which must have been trained with `run`'s
     settings (a run left by an earlier config under the same name is an error, not a silent reuse)."""
-    from agents.trainer import check_same_run
-
-    needs_values = ALGORITHMS[run.agent.name][1].needs_values
+    needs_values = AGENTS[run.agent.name].algorithm.needs_values
     policy = Policy.load(ctx.device_config, ctx.device, run.train.lora_rank, value_head=needs_values)
     state = load_checkpoint(checkpoint, policy, None, None)
     check_same_run(checkpoint, state["config"], run, "evaluate")
@@ -55,8 +55,6 @@ def load_trained(ctx: EvalContext, run: RunConfig, checkpoint: Path) -> Policy:
 
 def trained_policy(ctx: EvalContext, agent_name: str, template: str | None) -> tuple[Policy, Path]:
     """The final policy of a run (trained now if missing and `evaluate.train_missing`) and its directory."""
-    from agents.trainer import Trainer
-
     run = variant(ctx.run, agent_name, template)
     run_dir = run_directory(ctx, run)
 
@@ -83,31 +81,26 @@ def _trained(ctx: EvalContext, name: str, label: str, agent: str, template: str 
     return MethodResult(name, label, ctx.greedy(policy, env), training_metrics=run_dir / "metrics.csv")
 
 
-@method("task_tuning")
 def task_tuning(ctx: EvalContext) -> MethodResult:
     """GRPO on the task without the help option; every question answered on the device."""
     return _trained(ctx, "task_tuning", "Task-tuning only (GRPO)", "grpo", "plain")
 
 
-@method("collab_grpo")
 def collab_grpo(ctx: EvalContext) -> MethodResult:
     """Hierarchical reward + GRPO on every prompt (paper v1's Collaboration-Aware Tuning)."""
     return _trained(ctx, "collab_grpo", "Hier. reward + GRPO (no filter)", "grpo", None)
 
 
-@method("collab_dr_grpo")
 def collab_dr_grpo(ctx: EvalContext) -> MethodResult:
     """Hierarchical reward + Dr. GRPO on every prompt (paper v3's Collaboration-Aware Tuning)."""
     return _trained(ctx, "collab_dr_grpo", "Hier. reward + Dr. GRPO (no filter)", "dr_grpo", None)
 
 
-@method("ppo")
 def ppo(ctx: EvalContext) -> MethodResult:
     """Hierarchical reward + token-level PPO with a value head."""
     return _trained(ctx, "ppo", "Hier. reward + PPO", "ppo", None)
 
 
-@method("gapg")
 def gapg(ctx: EvalContext) -> MethodResult:
     """GAPG; when budget-sweep runs exist (`python -m agents.train -m budget.ratio=...`), their
     capped results form its accuracy-vs-cloud-rate curve."""
@@ -122,13 +115,12 @@ def sweep_curve(ctx: EvalContext, agent_name: str) -> list[tuple[float, float]]:
     points = []
     for state in sorted(root.glob("*/seed*/checkpoints/step_*/state.json")) if root.is_dir() else []:
         saved = json.loads(state.read_text())["config"]
-        ratio = float(saved["budget"]["ratio"])
         run = dataclasses.replace(variant(ctx.run, agent_name, None), budget=BudgetConfig(**saved["budget"]))
         checkpoint = state.parent
         if finished_checkpoint(checkpoint.parent.parent, run.train.steps) != checkpoint:
             continue
         policy = load_trained(ctx, run, checkpoint)
-        env = ctx.env(budget=BudgetConfig(mode="cap", ratio=ratio, window=len(ctx.prompt_ids)))
+        env = ctx.env(budget=held_out_cap(run, len(ctx.prompt_ids)))
         metrics = summarize(ctx.greedy(policy, env))
         points.append((metrics["cloud_rate"], metrics["accuracy"]))
     return sorted(points)

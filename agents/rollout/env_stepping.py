@@ -12,8 +12,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.rollout.base import Generation, Rollout, RolloutEngine
-from collab_env.decoding import sample_tokens
+from agents.batch import Rollout
+from agents.rollout.base import RolloutEngine
+from collab_env.decoding import Generation, sample_tokens
 
 
 def unbatch_info(infos: dict[str, Any], index: int) -> dict[str, Any]:

@@ -28,7 +28,8 @@ import torch
 
 from agents.config import RolloutConfig
 from agents.policy import Policy
-from agents.rollout.base import GeneratingRollout, Generation
+from agents.rollout.base import GeneratingRollout
+from collab_env.decoding import Generation
 from collab_env.errors import DependencyNotInstalled
 from collab_env.tasks.templates import HELP_MARKER
 

@@ -7,6 +7,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from collab_env.config import CloudConfig
@@ -119,3 +120,18 @@ class CloudOracle(ABC):
 
     def close(self) -> None:
         """Release servers, engines or threads held by the oracle."""
+
+
+def model_fingerprint(path: Path) -> list[tuple[str, int, int]]:
+    """Name, size and modification time of a local model directory's weight files: rebuilt weights
+    at the same path are a different model, so their answers must not come from the cache of the old ones."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def chat_messages(oracle: CloudOracle, problem: Problem) -> list[dict[str, str]]:
+    """The cloud's conversation: the optional system prompt, then the question alone."""
+    messages = [{"role": "user", "content": oracle.request_text(problem)}]
+    if oracle.config.system_prompt:
+        messages.insert(0, {"role": "system", "content": oracle.config.system_prompt})
+    return messages

@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from collab_env.cloud.base import SHARED_MODELS, AnswerCallback, CloudAnswer, CloudOracle
+from collab_env.cloud.base import (
+    SHARED_MODELS,
+    AnswerCallback,
+    CloudAnswer,
+    CloudOracle,
+    chat_messages,
+    model_fingerprint,
+)
 from collab_env.cloud.settings import TransformersCloudConfig
 from collab_env.config import CloudConfig
 from collab_env.errors import CloudError
@@ -21,25 +28,10 @@ from collab_env.models import check_model_dir, resolve_dtype, tokenizer_from_dir
 from collab_env.tasks import Problem, Task
 
 
-def model_fingerprint(path: Path) -> list[tuple[str, int, int]]:
-    """Name, size and modification time of the weight files: rebuilt weights at the same path are
-    a different model, so their answers must not come from the cache of the old ones."""
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-
-
 def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-
-
-def chat_messages(oracle: CloudOracle, problem: Problem) -> list[dict[str, str]]:
-    """The cloud's conversation: the optional system prompt, then the question alone."""
-    messages = [{"role": "user", "content": oracle.request_text(problem)}]
-    if oracle.config.system_prompt:
-        messages.insert(0, {"role": "system", "content": oracle.config.system_prompt})
-    return messages
 
 
 class TransformersOracle(CloudOracle):

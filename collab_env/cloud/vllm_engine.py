@@ -21,7 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from collab_env.cloud.base import SHARED_MODELS, AnswerCallback, CloudAnswer, CloudOracle
+from collab_env.cloud.base import (
+    SHARED_MODELS,
+    AnswerCallback,
+    CloudAnswer,
+    CloudOracle,
+    chat_messages,
+    model_fingerprint,
+)
 from collab_env.cloud.settings import VLLMCloudConfig
 from collab_env.config import CloudConfig
 from collab_env.errors import CloudError, DependencyNotInstalled
@@ -75,8 +82,6 @@ class VLLMOracle(CloudOracle):
             raise DependencyNotInstalled(INSTALL_HINT) from err
         import torch
 
-        from collab_env.cloud.hf_local import model_fingerprint
-
         self.path = check_model_dir(config.path, "cloud.path").resolve()
         self.dtype = _dtype_name(config.dtype, "cuda" if torch.cuda.is_available() else "cpu")
         self._fingerprint = model_fingerprint(self.path)
@@ -115,8 +120,6 @@ class VLLMOracle(CloudOracle):
         }
 
     def _answer(self, problems: Sequence[Problem], on_answer: AnswerCallback) -> list[CloudAnswer]:
-        from collab_env.cloud.hf_local import chat_messages
-
         began = time.monotonic()
         try:
             outputs = self.engine.chat(

@@ -1,0 +1,103 @@
+"""What every compared method gets (`EvalContext`) and gives back (`MethodResult`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+
+from agents.config import RolloutConfig, RunConfig
+from agents.evaluation import evaluate_policy
+from agents.metrics import summarize
+from agents.policy import Policy, pick_device
+from agents.runs import held_out_cap, make_env, resolve_device
+from collab_env.config import BudgetConfig
+
+
+@dataclass
+class MethodResult:
+    """Per-prompt final infos of a method on the held-out prompts (after the test-time cap)."""
+
+    name: str
+    label: str
+    infos: list[dict[str, Any]]
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    """Accuracy-vs-cloud-rate points without the cap (router threshold sweeps, budget sweeps)."""
+    training_metrics: Path | None = None
+    """metrics.csv of the training run behind this method, if any."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Method-specific diagnostics (e.g. the router's classification accuracy)."""
+
+    def metrics(self) -> dict[str, float]:
+        return {**summarize(self.infos), **self.extra}
+
+
+class EvalContext:
+    """What every method needs: the settings, the held-out prompt ids, scoring envs and models.
+
+    Trained methods train their run under `<experiment dir>/runs/` when it is missing (or
+    unfinished) and `evaluate.train_missing` is true; reruns reuse finished runs.
+    """
+
+    def __init__(self, run: RunConfig, experiment_dir: Path) -> None:
+        self.run = run
+        self.experiment_dir = Path(experiment_dir)
+        self.device = pick_device(run.train.device)
+        self.device_config = resolve_device(run)
+        self.run = dataclasses.replace(run, device=self.device_config)
+        problems = self.env(budget=BudgetConfig(mode="none")).unwrapped.task.problems(run.evaluate.split)
+        limit = run.evaluate.num_prompts or len(problems)
+        self.prompt_ids = [p.id for p in problems[:limit]]
+        self._policies: dict[str, Policy] = {}
+        self._cache: dict[str, Any] = {}
+
+    def env(
+        self, template: str | None = None, budget: BudgetConfig | None = None, split: str | None = None
+    ) -> gym.Env:
+        """A scoring env; `template` overrides the task's prompt template, the budget defaults to the cap."""
+        run = self.run
+        if template is not None:
+            run = dataclasses.replace(run, task=dataclasses.replace(run.task, template=template))
+        return make_env(run, budget or self.capped(), split or run.evaluate.split)
+
+    def capped(self, num_prompts: int | None = None) -> BudgetConfig:
+        """The test-time cap over the held-out prompts (or `num_prompts` of them)."""
+        return held_out_cap(self.run, num_prompts or len(self.prompt_ids))
+
+    @property
+    def share_cap(self) -> int:
+        return int(self.run.budget.share * len(self.prompt_ids) + 1e-9)
+
+    def greedy(
+        self, policy: Policy, env: gym.Env, prompt_ids: list[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Greedy completions of the held-out prompts (or `prompt_ids`), scored in order by `env`."""
+        config = RolloutConfig(max_batch=self.run.evaluate.max_batch)
+        ids = self.prompt_ids if prompt_ids is None else prompt_ids
+        return evaluate_policy(policy, env, ids, config, self.run.evaluate.max_batch).infos
+
+    def untrained_policy(self) -> Policy:
+        if "untrained" not in self._policies:
+            self._policies["untrained"] = Policy.load(self.device_config, self.device)
+        return self._policies["untrained"]
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Results shared between methods (e.g. the task-tuned model's local answers)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def cloud_correct(self, prompt_ids: list[int], split: str | None = None) -> list[bool]:
+        """Whether the cloud answers each prompt correctly (cached answers; no budget)."""
+
+        def compute() -> list[bool]:
+            env = self.env(budget=BudgetConfig(mode="none"), split=split)
+            help_action = env.unwrapped.help_action
+            scored = env.unwrapped.score_many(prompt_ids, [[help_action]] * len(prompt_ids))
+            return [bool(info["cloud_correct"]) for _, info in scored]
+
+        return self.memo(f"cloud:{split}:{len(prompt_ids)}:{prompt_ids[:1]}", compute)
