@@ -115,6 +115,9 @@ class EvalConfig:
     """Methods compared in the report (agents.baselines.METHODS)."""
     seed: int = 0
     """Seed of randomised baselines (random offload)."""
+    seeds: list[int] = field(default_factory=list)
+    """Run seeds to train and evaluate every method with (each trained method gets one run per seed);
+    the report gives each number as the mean over seeds with its min-max. Empty: the run's seed only."""
     train_missing: bool = True
     """Train the runs that trained methods need when they are missing or unfinished."""
     router_prompts: int = 1000

@@ -24,19 +24,22 @@ register_configs()
 
 
 def evaluate(run: RunConfig, experiment_dir: Path) -> Path:
-    """Run every configured method and write the report; returns the report's path."""
+    """Run every configured method for each seed of `evaluate.seeds` (or the run's seed) and write the
+    report; returns the report's path."""
     started = time.perf_counter()
-    ctx = EvalContext(run, experiment_dir)
-    results = []
-    for name in run.evaluate.methods:
-        result = run_method(name, ctx)
-        m = result.metrics()
-        print(
-            f"[evaluate] {result.label}: accuracy {m['accuracy']:.3f}, cloud rate {m['cloud_rate']:.3f}, "
-            f"help rate {m['help_rate']:.3f}  ({time.perf_counter() - started:.0f} s)",
-            flush=True,
-        )
-        results.append(result)
+    by_seed = {}
+    for seed in run.evaluate.seeds or [run.seed]:
+        ctx = EvalContext(dataclasses.replace(run, seed=seed), experiment_dir)
+        by_seed[seed] = []
+        for name in run.evaluate.methods:
+            result = run_method(name, ctx)
+            m = result.metrics()
+            print(
+                f"[evaluate] seed {seed}, {result.label}: accuracy {m['accuracy']:.3f}, cloud rate "
+                f"{m['cloud_rate']:.3f}, help rate {m['help_rate']:.3f}  ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+            by_seed[seed].append(result)
     context = {
         "name": run.name,
         "task": run.task.name,
@@ -48,7 +51,7 @@ def evaluate(run: RunConfig, experiment_dir: Path) -> Path:
         "wall_time_s": round(time.perf_counter() - started, 1),
         "config": dataclasses.asdict(run),
     }
-    return write_report(experiment_dir / "report", results, ctx.cloud_correct(ctx.prompt_ids), context)
+    return write_report(experiment_dir / "report", by_seed, ctx.cloud_correct(ctx.prompt_ids), context)
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="evaluate")

@@ -8,6 +8,7 @@ rows share is computed once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from transformers import DynamicCache
 
 from collab_env.config import DeviceConfig
 from collab_env.errors import DependencyNotInstalled
+from collab_env.markers import HelpBranch
 from collab_env.models import load_model, load_tokenizer
 
 SHARED_PREFIX_MIN = 8
@@ -162,6 +164,45 @@ class Policy(nn.Module):
         same = (tokens == tokens[:1]).all(dim=0).long()
         length = int(same.cumprod(dim=0).sum())
         return length if length >= SHARED_PREFIX_MIN else 0
+
+    @torch.no_grad()
+    def help_margins(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_len: int,
+        branches: tuple[HelpBranch, ...],
+    ) -> torch.Tensor:
+        """(N,) how near each completion came to calling for help: over the completion positions where a
+        branch's prefix has just been written, the largest margin of the help action (the best branch
+        token open there) over the best other token (positive where the completion called; -inf where
+        it never could).
+
+        A bias b on the help action's logit makes greedy decoding call at the first position whose
+        margin exceeds -b, so sorting prompts by margin traces one trained policy's accuracy-vs-cloud-
+        rate curve."""
+        completion = input_ids[:, -completion_len:]
+        written = attention_mask[:, -completion_len:].bool()
+        open_at = []
+        for branch in branches:
+            width = len(branch.prefix)
+            at = written.clone()
+            at[:, :width] = False
+            for offset, token in enumerate(branch.prefix):
+                at[:, width:] &= completion[:, offset : completion_len - width + offset] == token
+            open_at.append(at)
+        rows, columns = torch.stack(open_at).any(0).nonzero(as_tuple=True)
+        best = torch.full((len(input_ids),), -math.inf, device=input_ids.device)
+        if not len(rows):
+            return best
+        hidden = self._completion_hidden(input_ids, attention_mask, completion_len)
+        logits = self.model.get_output_embeddings()(hidden[rows, columns])[..., : self.vocab_size].float()
+        active = torch.zeros_like(logits, dtype=torch.bool)
+        for branch, at in zip(branches, open_at, strict=True):
+            active[at[rows, columns], branch.token] = True
+        margins = logits.masked_fill(~active, -math.inf).max(-1).values
+        margins = margins - logits.masked_fill(active, -math.inf).max(-1).values
+        return best.scatter_reduce(0, rows, margins, reduce="amax")
 
     def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the next token after each (right-padded) row, without a cache (for env stepping)."""

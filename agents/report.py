@@ -1,21 +1,32 @@
-"""The comparison report: `report.md` (one row per method), `results.json` (every number),
-`pareto.png` (accuracy vs cloud rate) and `curves.png` (training reward and help rate per step).
+"""The comparison report: `report.md` (one row per method), `results.json` (every number the report
+shows), `pareto.png` (accuracy vs cloud rate) and `curves.png` (training reward and help rate per step).
+
+With several seeds (`evaluate.seeds`) every number is the mean over seeds with its min-max, and each
+method's accuracy difference to GAPG gets a paired bootstrap 95% interval over prompts (per-prompt
+correctness averaged over seeds).
 
 `python -m agents.report RUN_DIR ... --labels ... --out curves.png` plots the training curves of any runs."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from agents.baselines.context import MethodResult
-from agents.tradeoff import apgr, cpt, pgr
+from agents.plots import plot_curves, plot_level_help, plot_pareto, plot_training_curves, read_metrics
+from agents.tradeoff import apgr, cpt, paired_bootstrap, pgr
 
 CPT_TARGETS = (0.2, 0.5, 0.8)
+REFERENCE = "gapg"
+"""The method every other is compared with (the paper's)."""
+
+CAP_RULE = (
+    "A call the cap refuses is answered by the device on its own: a router keeps the device's answer, "
+    "a policy that asked answers again greedily with the help action banned."
+)
 
 
 def _pct(value: float | None) -> str:
@@ -23,7 +34,8 @@ def _pct(value: float | None) -> str:
 
 
 def method_table(results: list[MethodResult], cloud_correct: list[bool]) -> dict[str, dict[str, Any]]:
-    """Every metric of every method, with PGR/APGR/CPT against the device-only and cloud-only points."""
+    """Every metric of every method of one seed. PGR / APGR / CPT are measured twice: against the common
+    device-only point (the headline) and against the method's own device answering alone (`_own`)."""
     table = {r.name: r.metrics() for r in results}
     for r in results:
         uncapped = [
@@ -32,56 +44,137 @@ def method_table(results: list[MethodResult], cloud_correct: list[bool]) -> dict
         table[r.name]["accuracy_uncapped"] = sum(uncapped) / max(len(uncapped), 1)
     device = table.get("device_only", {}).get("accuracy")
     cloud = table.get("cloud_only", {}).get("accuracy")
+    if device is None or cloud is None:
+        return table
     for r in results:
         m = table[r.name]
-        if device is None or cloud is None:
-            continue
-        m["pgr"] = pgr(m["accuracy"], device, cloud)
-        if r.curve:
-            m["apgr"] = apgr(r.curve, device, cloud)
-            for target in CPT_TARGETS:
-                m[f"cpt{round(100 * target)}"] = cpt(r.curve, device, cloud, target)
+        for suffix, start in (("", device), ("_own", r.alone_accuracy)):
+            if start is None:
+                continue
+            m[f"pgr{suffix}"] = pgr(m["accuracy"], start, cloud)
+            if r.curve:
+                m[f"apgr{suffix}"] = apgr(r.curve, start, cloud)
+                for target in CPT_TARGETS:
+                    m[f"cpt{round(100 * target)}{suffix}"] = cpt(r.curve, start, cloud, target)
+        if r.alone_accuracy is not None:
+            m["alone_accuracy"] = r.alone_accuracy
     return table
 
 
+def across_seeds(tables: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, min and max over seeds of every metric a method has in every seed's table."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in tables[0]:
+        keys = [k for k in tables[0][name] if all(k in t.get(name, {}) for t in tables)]
+        out[name] = {}
+        for key in keys:
+            values = [float(t[name][key]) for t in tables]
+            out[name][key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def differences_to_reference(by_seed: dict[int, list[MethodResult]]) -> dict[str, dict[str, float]]:
+    """Each method's accuracy minus GAPG's on the same prompts: mean and paired bootstrap 95% interval."""
+    correct: dict[str, list[float]] = {}
+    for results in by_seed.values():
+        for r in results:
+            scores = [float(i["correct"]) for i in r.infos]
+            total = correct.setdefault(r.name, [0.0] * len(scores))
+            correct[r.name] = [t + v / len(by_seed) for t, v in zip(total, scores, strict=True)]
+    if REFERENCE not in correct:
+        return {}
+    out = {}
+    for name, scores in correct.items():
+        mean, low, high = paired_bootstrap(scores, correct[REFERENCE])
+        out[name] = {"mean": mean, "low": low, "high": high}
+    return out
+
+
+def _cell(stats: dict[str, dict[str, float]], key: str, seeds: int) -> str:
+    if key not in stats:
+        return "–"
+    value = stats[key]
+    text = _pct(value["mean"])
+    return f"{text} [{_pct(value['min'])}–{_pct(value['max'])}]" if seeds > 1 and text != "–" else text
+
+
 def write_report(
-    out_dir: Path, results: list[MethodResult], cloud_correct: list[bool], context: dict[str, Any]
+    out_dir: Path,
+    by_seed: dict[int, list[MethodResult]],
+    cloud_correct: list[bool],
+    context: dict[str, Any],
 ) -> Path:
     """Write report.md, results.json and the plots into `out_dir`; returns the report's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = method_table(results, cloud_correct)
+    seeds = sorted(by_seed)
+    tables = [method_table(by_seed[s], cloud_correct) for s in seeds]
+    stats = across_seeds(tables)
+    differences = differences_to_reference(by_seed)
+    first = by_seed[seeds[0]]
     payload = {
-        "context": context,
-        "methods": {r.name: {"label": r.label, "metrics": table[r.name], "curve": r.curve} for r in results},
+        "context": {**context, "seeds": seeds, "cap_rule": CAP_RULE},
+        "methods": {
+            r.name: {
+                "label": r.label,
+                "metrics": {k: v["mean"] for k, v in stats[r.name].items()},
+                "spread": {k: [v["min"], v["max"]] for k, v in stats[r.name].items()},
+                "per_seed": {str(s): t[r.name] for s, t in zip(seeds, tables, strict=True)},
+                "difference_to_gapg": differences.get(r.name),
+                "curve": r.curve,
+                "curves_per_seed": {
+                    str(s): next(x.curve for x in by_seed[s] if x.name == r.name) for s in seeds
+                },
+                "sweep_points": r.sweep_points,
+            }
+            for r in first
+        },
     }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
-    plots = [p for p in (plot_pareto(out_dir, results, table), plot_curves(out_dir, results)) if p]
+    means = {name: {k: v["mean"] for k, v in s.items()} for name, s in stats.items()}
+    plots = [p for p in (plot_pareto(out_dir, first, means), plot_curves(out_dir, first)) if p]
+    n = len(seeds)
     lines = [
         f"# DeviceCloud report: {context.get('name', '')}",
         "",
         f"Task `{context.get('task')}`, device `{context.get('device')}`, cloud `{context.get('cloud')}`, "
         f"{context.get('num_prompts')} held-out prompts, greedy decoding, cloud budget rho = "
         f"{context.get('ratio', 0):.3f}: at most {_pct(context.get('share', 0))}% of questions reach the cloud "
-        "(test-time cap, first come first served).",
+        f"(test-time cap, first come first served). {CAP_RULE}",
         "",
-        "| method | accuracy under cap % | cloud rate % | accuracy without cap % | help rate % | cond. local acc. % | PGR % | APGR % | CPT(50%) | tokens/answer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Seeds: {n} ({', '.join(map(str, seeds))})"
+        + (": each cell is the mean over seeds [min–max]." if n > 1 else "; no spread over seeds.")
+        + " PGR, APGR and CPT count from the common untrained device-only point (headline) and, marked"
+        " 'own', from the method's own device answering every question itself. 'vs GAPG' is the accuracy"
+        " difference to GAPG on the same prompts with its paired bootstrap 95% interval.",
+        "",
+        "| method | accuracy under cap % | vs GAPG (95% CI) | cloud rate % | help rate % | cond. local acc. % | "
+        "PGR % | PGR own % | APGR % | APGR own % | CPT(50%) | tokens/answer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        m = table[r.name]
-        lines.append(
-            f"| {r.label} | {_pct(m['accuracy'])} | {_pct(m['cloud_rate'])} | {_pct(m['accuracy_uncapped'])} | "
-            f"{_pct(m['help_rate'])} | {_pct(m['conditional_local_accuracy'])} | {_pct(m.get('pgr'))} | "
-            f"{_pct(m.get('apgr'))} | {_pct(m.get('cpt50'))} | {m['tokens_per_answer']:.1f} |"
+    for r in first:
+        s = stats[r.name]
+        d = differences.get(r.name)
+        versus = (
+            "–"
+            if d is None or r.name == REFERENCE
+            else (f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
         )
-    levels = list(dict.fromkeys(i["level"] for r in results for i in r.infos))
+        cells = [
+            _cell(s, k, n) for k in ("accuracy", "cloud_rate", "help_rate", "conditional_local_accuracy")
+        ]
+        scores = [_cell(s, k, n) for k in ("pgr", "pgr_own", "apgr", "apgr_own", "cpt50")]
+        tokens = s["tokens_per_answer"]["mean"]
+        lines.append(
+            f"| {r.label} | {cells[0]} | {versus} | {' | '.join(cells[1:])} | {' | '.join(scores)} | {tokens:.1f} |"
+        )
+    levels = list(dict.fromkeys(i["level"] for r in first for i in r.infos))
     if len(levels) > 1:
-        lines += ["", "Accuracy per difficulty level, % (help rate in parentheses):", ""]
+        lines += ["", "Accuracy per difficulty level, % (help rate in parentheses), mean over seeds:", ""]
         lines.append("| method | " + " | ".join(levels) + " |")
         lines.append("|---|" + "---|" * len(levels))
-        for r in results:
-            m = table[r.name]
+        for r in first:
+            m = means[r.name]
             cells = [f"{_pct(m.get(f'accuracy/{lv}'))} ({_pct(m.get(f'help_rate/{lv}'))})" for lv in levels]
             lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     lines += [
@@ -90,122 +183,12 @@ def write_report(
         "questions the cloud answered after the cap; help rate the share where the device (or router) asked.",
         "Conditional local accuracy is local accuracy over the questions kept on the device. PGR is the share",
         "of the device-only to cloud-only accuracy gap closed; APGR averages it over cloud rates 0-100% along",
-        "a method's curve (router threshold sweep, or budget sweep); CPT(50%) is the cloud rate that closes half.",
+        "a method's curve (a router's threshold sweep; a trained policy's sweep of a bias on its help action's",
+        "logit); CPT(50%) is the cloud rate that closes half.",
     ]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def plot_pareto(out_dir: Path, results: list[MethodResult], table: dict[str, dict[str, Any]]) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for r in results:
-        m = table[r.name]
-        (point,) = ax.plot(100 * m["cloud_rate"], 100 * m["accuracy"], "o", markersize=8, label=r.label)
-        if r.curve:
-            xs, ys = zip(*sorted(r.curve), strict=True)
-            ax.plot([100 * x for x in xs], [100 * y for y in ys], "-", color=point.get_color(), alpha=0.5)
-    ax.set_xlabel("cloud rate (% of questions answered by the cloud)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy vs cloud use (points: under the cap; lines: sweeps)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    path = out_dir / "pareto.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    with path.open() as handle:
-        return [
-            {k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)
-        ]
-
-
-def plot_curves(out_dir: Path, results: list[MethodResult]) -> Path | None:
-    runs = [
-        (r.label, read_metrics(r.training_metrics))
-        for r in results
-        if r.training_metrics and r.training_metrics.exists()
-    ]
-    return plot_training_curves(out_dir / "curves.png", runs) if runs else None
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    """Means over the last `window` values, from the first full window on (earlier values: nan);
-    nan values (steps without the metric) are skipped within a window."""
-    out = []
-    for i in range(len(values)):
-        present = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
-        out.append(sum(present) / len(present) if i >= window - 1 and present else math.nan)
-    return out
-
-
-def plot_training_curves(path: Path, runs: list[tuple[str, list[dict[str, float]]]], smooth: int = 1) -> Path:
-    """Training reward, training help rate and held-out accuracy per step of labelled `metrics.csv`
-    rows, one line per run; `smooth` > 1 averages the training curves over that many steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for label, rows in runs:
-        steps = [r["step"] for r in rows]
-        axes[0].plot(
-            steps, moving_average([r.get("env/reward", math.nan) for r in rows], smooth), label=label
-        )
-        axes[1].plot(
-            steps, moving_average([100 * r.get("env/help_rate", math.nan) for r in rows], smooth), label=label
-        )
-        evals = [(r["step"], 100 * r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
-        if evals:
-            axes[2].plot(*zip(*evals, strict=True), "o-", label=label)
-    mean = f" ({smooth}-step mean)" if smooth > 1 else ""
-    titles = (f"training reward{mean}", f"training help rate (%){mean}", "held-out accuracy under cap (%)")
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_level_help(path: Path, runs: list[tuple[str, list[dict[str, float]]]], smooth: int = 1) -> Path:
-    """The training help rate of each task level (`env/help_rate/<level>`), one panel per run:
-    whether a device learns *where* to call, not only how often."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
-    for ax, (label, rows) in zip(axes[0], runs, strict=True):
-        levels = sorted(
-            {k.removeprefix("env/help_rate/") for r in rows for k in r if k.startswith("env/help_rate/")}
-        )
-        steps = [r["step"] for r in rows]
-        for level in levels:
-            values = [100 * r.get(f"env/help_rate/{level}", math.nan) for r in rows]
-            ax.plot(steps, moving_average(values, smooth), label=level)
-        ax.set_title(f"{label}: help rate per level (%)")
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

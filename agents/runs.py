@@ -59,6 +59,11 @@ def held_out_cap(run: RunConfig, num_prompts: int) -> BudgetConfig:
     return BudgetConfig(mode="cap", ratio=run.budget.ratio, window=num_prompts)
 
 
+def no_cloud() -> BudgetConfig:
+    """A budget that admits no call: the device answers every question itself."""
+    return BudgetConfig(mode="cap", ratio=0.0)
+
+
 def make_env(run: RunConfig, budget: BudgetConfig | None = None, split: str = "train") -> gym.Env:
     """`DeviceCloud-v0` with the run's settings (its training budget unless `budget` is given)."""
     return gym.make("DeviceCloud-v0", **env_arguments(run, budget, split))

@@ -5,6 +5,8 @@ With the device-only accuracy d and the cloud-only accuracy c (RouteLLM's weak a
     PGR(a)   = (a - d) / (c - d)                 performance gap recovered by accuracy a
     APGR     = integral over cloud rate r in [0, 1] of PGR(acc(r)) dr   (trapezoids, endpoints (0, d), (1, c))
     CPT(x %) = smallest cloud rate r with PGR(acc(r)) >= x / 100       (linear interpolation)
+
+`paired_bootstrap` gives the interval of a difference between two methods on the same prompts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 
 def pgr(accuracy: float, device: float, cloud: float) -> float:
@@ -102,3 +106,18 @@ def threshold_curve(
         chosen = set(order[: round(rate * len(order))])
         points.append(accuracy_at(local, cloud_correct, [i in chosen for i in range(len(order))]))
     return points
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], samples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of a - b over paired items (prompts) and its bootstrap `level` interval: items are resampled
+    with replacement `samples` times, each time keeping the pairs together."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(diff) == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(len(diff), size=(samples, len(diff)))].mean(axis=1)
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(diff.mean()), float(low), float(high)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from collab_env.markers import CompletionState
+from collab_env.markers import CompletionState, HelpBranch
 
 
 @dataclass
@@ -98,6 +98,24 @@ class DecodeRequest:
     start_state: Callable[[], CompletionState] | None
     """A fresh env stop-rule state per row; None decodes every row to `max_new_tokens`."""
     pad_id: int
+    help_bias: float = 0.0
+    """Added to the logit of the help action, the branch token of `help_branches`, wherever a row can
+    write it; -inf bans calling for help (how a device answers on its own when the cloud refuses)."""
+    help_branches: tuple[HelpBranch, ...] = ()
+
+
+def bias_help(logits: torch.Tensor, written: torch.Tensor, request: DecodeRequest) -> torch.Tensor:
+    """`logits` (rows, vocab) of the next token after `written` (rows, tokens so far) with
+    `request.help_bias` added to the branch token of each row that has just written a branch's prefix."""
+    logits = logits.clone()
+    for branch in request.help_branches:
+        width = len(branch.prefix)
+        if written.shape[1] < width:
+            continue
+        prefix = torch.as_tensor(branch.prefix, device=written.device)
+        rows = (written[:, written.shape[1] - width :] == prefix).all(dim=1)
+        logits[rows, branch.token] += request.help_bias
+    return logits
 
 
 def stops(
@@ -149,11 +167,13 @@ def decode_dynamic(model: torch.nn.Module, request: DecodeRequest) -> Generation
     states = [request.start_state() for _ in range(n)] if request.start_state else None
     live = list(range(n))
     for step in range(limit):
+        index = torch.as_tensor(live, device=device)
         logits = out.logits[:, -1, : request.vocab].float()
+        if request.help_bias:
+            logits = bias_help(logits, tokens_out[index, :step], request)
         tokens, token_logprobs = sample_tokens(
             logits, request.temperature, request.top_p, request.greedy, request.generator
         )
-        index = torch.as_tensor(live, device=device)
         tokens_out[index, step] = tokens
         logprobs_out[index, step] = token_logprobs
         host = tokens.tolist() if states is not None else [0] * len(live)

@@ -45,6 +45,43 @@ def _eos_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def marker_sequences(tokenizer: Any) -> list[list[int]]:
+    """The token sequences of the marker as the tokenizer writes it after any character or after a space."""
+    sequences = {
+        tuple(tokenizer.encode(HELP_MARKER, add_special_tokens=False)),
+        tuple(tokenizer.encode(" " + HELP_MARKER, add_special_tokens=False)),
+    }
+    return [list(s) for s in sorted(sequences)]
+
+
+@dataclass(frozen=True)
+class HelpBranch:
+    """Where a completion decides to call for help: after `prefix`, the token `token` starts the marker.
+
+    The prefix is the part of a marker sequence that an answer opening shares (`<` with `<answer>`), so
+    the branch token is the first one that only the marker writes: its logit is the help action's."""
+
+    prefix: tuple[int, ...]
+    token: int
+
+
+def help_branches(tokenizer: Any, answer_text: str) -> list[HelpBranch]:
+    """The branch of every marker sequence against `answer_text` (an answer as the template renders it)."""
+    openings = [tokenizer.encode(text, add_special_tokens=False) for text in (answer_text, " " + answer_text)]
+    branches = []
+    for sequence in marker_sequences(tokenizer):
+        shared = max(_common_prefix(sequence, opening) for opening in openings)
+        branches.append(HelpBranch(tuple(sequence[:shared]), sequence[shared]))
+    return list(dict.fromkeys(branches))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) - 1 and a[length] == b[length]:
+        length += 1
+    return length
+
+
 class MarkerDetector:
     """Per-tokenizer tables for ending a completion; `start()` gives the state of one completion."""
 
@@ -53,11 +90,7 @@ class MarkerDetector:
         self.stop_text = stop_text
         self.lenient = lenient
         self.help_ids: list[int] = tokenizer.encode(HELP_MARKER, add_special_tokens=False)
-        sequences = {
-            tuple(self.help_ids),
-            tuple(tokenizer.encode(" " + HELP_MARKER, add_special_tokens=False)),
-        }
-        self.marker_sequences = [list(s) for s in sequences]
+        self.marker_sequences = marker_sequences(tokenizer)
         self.eos_ids = set(_eos_ids(tokenizer))
         self.token_text, self.has_close = _vocabulary_text(tokenizer)
 

@@ -11,10 +11,10 @@ from typing import Any
 import gymnasium as gym
 
 from agents.config import RolloutConfig, RunConfig
-from agents.evaluation import evaluate_policy
+from agents.evaluation import EvalResult, evaluate_policy, help_curve
 from agents.metrics import summarize
 from agents.policy import Policy, pick_device
-from agents.runs import held_out_cap, make_env, resolve_device
+from agents.runs import held_out_cap, make_env, no_cloud, resolve_device
 from collab_env.config import BudgetConfig
 
 
@@ -31,9 +31,18 @@ class MethodResult:
     """metrics.csv of the training run behind this method, if any."""
     extra: dict[str, float] = field(default_factory=dict)
     """Method-specific diagnostics (e.g. the router's classification accuracy)."""
+    alone_accuracy: float | None = None
+    """Accuracy of this method's own device answering every question itself (its curve at 0% calls):
+    the task-tuned device for the routers, the trained policy with the help action banned for a policy."""
+    sweep_points: list[tuple[float, float]] = field(default_factory=list)
+    """(cloud rate, accuracy) of budget-sweep runs of the same method, each under its own cap."""
 
     def metrics(self) -> dict[str, float]:
         return {**summarize(self.infos), **self.extra}
+
+
+CURVE_RATES = tuple(i / 20 for i in range(1, 20))
+"""Cloud rates at which every method's accuracy-vs-cloud-rate curve is measured."""
 
 
 class EvalContext:
@@ -49,20 +58,23 @@ class EvalContext:
         self.device = pick_device(run.train.device)
         self.device_config = resolve_device(run)
         self.run = dataclasses.replace(run, device=self.device_config)
+        self._policies: dict[str, Policy] = {}
+        self._cache: dict[str, Any] = {}
         problems = self.env(budget=BudgetConfig(mode="none")).unwrapped.task.problems(run.evaluate.split)
         limit = run.evaluate.num_prompts or len(problems)
         self.prompt_ids = [p.id for p in problems[:limit]]
-        self._policies: dict[str, Policy] = {}
-        self._cache: dict[str, Any] = {}
 
     def env(
         self, template: str | None = None, budget: BudgetConfig | None = None, split: str | None = None
     ) -> gym.Env:
-        """A scoring env; `template` overrides the task's prompt template, the budget defaults to the cap."""
+        """A scoring env; `template` overrides the task's prompt template, the budget defaults to the cap.
+        Envs are kept per settings (their budget window is reset by each evaluation)."""
         run = self.run
         if template is not None:
             run = dataclasses.replace(run, task=dataclasses.replace(run.task, template=template))
-        return make_env(run, budget or self.capped(), split or run.evaluate.split)
+        budget = budget or self.capped()
+        split = split or run.evaluate.split
+        return self.memo(f"env:{run.task.template}:{budget}:{split}", lambda: make_env(run, budget, split))
 
     def capped(self, num_prompts: int | None = None) -> BudgetConfig:
         """The test-time cap over the held-out prompts (or `num_prompts` of them)."""
@@ -72,13 +84,35 @@ class EvalContext:
     def share_cap(self) -> int:
         return int(self.run.budget.share * len(self.prompt_ids) + 1e-9)
 
-    def greedy(
-        self, policy: Policy, env: gym.Env, prompt_ids: list[int] | None = None
-    ) -> list[dict[str, Any]]:
-        """Greedy completions of the held-out prompts (or `prompt_ids`), scored in order by `env`."""
+    def evaluate(
+        self,
+        policy: Policy,
+        template: str | None = None,
+        budget: BudgetConfig | None = None,
+        prompt_ids: list[int] | None = None,
+        split: str | None = None,
+    ) -> EvalResult:
+        """Greedy completions of the held-out prompts (or `prompt_ids`), scored in order under `budget`
+        (the cap by default), refused calls answered by the device on its own (agents.evaluation)."""
         config = RolloutConfig(max_batch=self.run.evaluate.max_batch)
         ids = self.prompt_ids if prompt_ids is None else prompt_ids
-        return evaluate_policy(policy, env, ids, config, self.run.evaluate.max_batch).infos
+        env = self.env(template, budget, split)
+        local = self.env(template, no_cloud(), split)
+        return evaluate_policy(policy, env, ids, config, self.run.evaluate.max_batch, local_env=local)
+
+    def policy_result(
+        self, name: str, label: str, policy: Policy, template: str | None = None, **fields: Any
+    ) -> MethodResult:
+        """A policy's row: its capped result, its help-bias curve and its accuracy on its own."""
+        result = self.evaluate(policy, template)
+        return MethodResult(
+            name,
+            label,
+            result.infos,
+            help_curve(result, self.cloud_correct(self.prompt_ids), CURVE_RATES),
+            alone_accuracy=summarize(result.alone)["local_accuracy"],
+            **fields,
+        )
 
     def untrained_policy(self) -> Policy:
         if "untrained" not in self._policies:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from agents.baselines.context import EvalContext, MethodResult
+from agents.metrics import summarize
+from agents.runs import no_cloud
 from collab_env.config import BudgetConfig
 
 
 def device_only(ctx: EvalContext) -> MethodResult:
     """The untrained device answers everything (plain template: no help option, no cloud)."""
-    env = ctx.env(template="plain", budget=BudgetConfig(mode="cap", ratio=0.0))
-    return MethodResult("device_only", "Device only (untrained)", ctx.greedy(ctx.untrained_policy(), env))
+    infos = ctx.evaluate(ctx.untrained_policy(), template="plain", budget=no_cloud()).infos
+    return MethodResult(
+        "device_only", "Device only (untrained)", infos, alone_accuracy=summarize(infos)["accuracy"]
+    )
 
 
 def device_with_help(ctx: EvalContext) -> MethodResult:
     """The untrained device with the help option, under the test-time cap (where training starts)."""
-    return MethodResult(
-        "device_with_help", "Device + help option (untrained)", ctx.greedy(ctx.untrained_policy(), ctx.env())
-    )
+    return ctx.policy_result("device_with_help", "Device + help option (untrained)", ctx.untrained_policy())
 
 
 def cloud_only(ctx: EvalContext) -> MethodResult:

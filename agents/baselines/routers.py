@@ -20,15 +20,13 @@ import numpy as np
 import torch
 
 from agents import sb3, tianshou
-from agents.baselines.context import EvalContext, MethodResult
+from agents.baselines.context import CURVE_RATES, EvalContext, MethodResult
 from agents.baselines.trained import trained_policy
 from agents.external import Fit, run_episodes
-from agents.runs import make_eval_env
+from agents.runs import make_eval_env, no_cloud
 from agents.tradeoff import route, threshold_curve
 from collab_env.config import BudgetConfig
 from collab_env.features import minilm_features
-
-CURVE_RATES = tuple(i / 20 for i in range(1, 20))
 
 
 def tuned_local(ctx: EvalContext, split: str, prompt_ids: list[int]) -> list[dict[str, Any]]:
@@ -40,8 +38,8 @@ def tuned_local(ctx: EvalContext, split: str, prompt_ids: list[int]) -> list[dic
     missing = [i for i in dict.fromkeys(prompt_ids) if i not in known]
     if missing:
         policy, _ = trained_policy(ctx, "grpo", "plain")
-        env = ctx.env(template="plain", budget=BudgetConfig(mode="cap", ratio=0.0), split=split)
-        known.update({info["prompt_id"]: info for info in ctx.greedy(policy, env, missing)})
+        answers = ctx.evaluate(policy, template="plain", budget=no_cloud(), prompt_ids=missing, split=split)
+        known.update({info["prompt_id"]: info for info in answers.infos})
     return [known[i] for i in prompt_ids]
 
 
@@ -49,25 +47,50 @@ def _held_out(ctx: EvalContext) -> tuple[list[dict[str, Any]], list[bool]]:
     return tuned_local(ctx, ctx.run.evaluate.split, ctx.prompt_ids), ctx.cloud_correct(ctx.prompt_ids)
 
 
+def routed(
+    ctx: EvalContext,
+    name: str,
+    label: str,
+    to_cloud: list[bool],
+    scores: list[float],
+    extra: dict[str, float] | None = None,
+) -> MethodResult:
+    """The row of a router over the task-tuned device: `to_cloud` under the cap, the curve of `scores`
+    (need for help, highest first), and the task-tuned device's accuracy on its own."""
+    local, cloud = _held_out(ctx)
+    return MethodResult(
+        name,
+        label,
+        route(local, cloud, to_cloud, ctx.share_cap),
+        threshold_curve(local, cloud, scores, CURVE_RATES),
+        extra=extra or {},
+        alone_accuracy=sum(i["local_correct"] for i in local) / max(len(local), 1),
+    )
+
+
 def random_offload(ctx: EvalContext) -> MethodResult:
     """A random rho/(1+rho) share of the questions goes to the cloud (task-tuning & naive offloading)."""
-    local, cloud = _held_out(ctx)
-    order = np.random.default_rng(ctx.run.evaluate.seed).permutation(len(local))
+    n = len(ctx.prompt_ids)
+    order = np.random.default_rng(ctx.run.evaluate.seed).permutation(n)
     chosen = set(order[: ctx.share_cap].tolist())
-    infos = route(local, cloud, [i in chosen for i in range(len(local))], ctx.share_cap)
-    scores = np.empty(len(local))
-    scores[order] = np.arange(len(local), 0, -1)
-    curve = threshold_curve(local, cloud, scores.tolist(), CURVE_RATES)
-    return MethodResult("random_offload", "Task-tuning + random offload", infos, curve)
+    scores = np.empty(n)
+    scores[order] = np.arange(n, 0, -1)
+    to_cloud = [i in chosen for i in range(n)]
+    return routed(ctx, "random_offload", "Task-tuning + random offload", to_cloud, scores.tolist())
+
+
+def oracle_gain(local: list[dict[str, Any]], cloud_correct: list[bool]) -> list[float]:
+    """What sending each prompt to the cloud gains: +1 where only the cloud is right, -1 where only the
+    device is, 0 otherwise."""
+    return [float(c) - float(i["local_correct"]) for i, c in zip(local, cloud_correct, strict=True)]
 
 
 def oracle_router(ctx: EvalContext) -> MethodResult:
-    """Offloads exactly the questions the task-tuned device gets wrong, up to the budget (an upper bound)."""
-    local, cloud = _held_out(ctx)
-    wrong = [not i["local_correct"] for i in local]
-    infos = route(local, cloud, wrong, ctx.share_cap)
-    curve = threshold_curve(local, cloud, [float(w) for w in wrong], CURVE_RATES)
-    return MethodResult("oracle_router", "Task-tuning + oracle router", infos, curve)
+    """Sends exactly the questions the task-tuned device gets wrong and the cloud gets right; its curve
+    sends them first, then those where neither gains, and last those only the device gets right: no
+    router over the same device does better at any call rate (an upper bound)."""
+    gain = oracle_gain(*_held_out(ctx))
+    return routed(ctx, "oracle_router", "Task-tuning + oracle router", [g > 0 for g in gain], gain)
 
 
 def fit_logistic(
@@ -109,10 +132,8 @@ def prompt_router(ctx: EvalContext) -> MethodResult:
         train_scores = torch.sigmoid(model(torch.as_tensor(train_x))).squeeze(-1).numpy()
         test_scores = torch.sigmoid(model(torch.as_tensor(test_x))).squeeze(-1).numpy()
     threshold = calibrated_threshold(train_scores, ctx.run.budget.share)
-    local, cloud = _held_out(ctx)
+    local, _ = _held_out(ctx)
     to_cloud = (test_scores >= threshold).tolist()
-    infos = route(local, cloud, to_cloud, ctx.share_cap)
-    curve = threshold_curve(local, cloud, test_scores.tolist(), CURVE_RATES)
     test_labels = np.array([not i["local_correct"] for i in local])
     extra = {
         "router/train_accuracy": float(((train_scores >= 0.5) == labels.astype(bool)).mean()),
@@ -120,7 +141,7 @@ def prompt_router(ctx: EvalContext) -> MethodResult:
         "router/test_call_rate_before_cap": float(np.mean(to_cloud)),
         "router/threshold": threshold,
     }
-    return MethodResult("prompt_router", "Task-tuning + prompt router", infos, curve, extra=extra)
+    return routed(ctx, "prompt_router", "Task-tuning + prompt router", to_cloud, test_scores.tolist(), extra)
 
 
 def routing_device_answers(ctx: EvalContext) -> dict[int, str]:
@@ -152,7 +173,14 @@ def learned_router(ctx: EvalContext, name: str, label: str, agent: Any, fit: Fit
     env = make_eval_env(run, len(ctx.prompt_ids), "routing", agent.features, env_kwargs)
     rewards, infos = run_episodes(env, act_for(env), ctx.prompt_ids)
     env.close()
-    return MethodResult(name, label, infos, extra={"router/mean_reward": float(np.mean(rewards))})
+    local, _ = _held_out(ctx)
+    return MethodResult(
+        name,
+        label,
+        infos,
+        extra={"router/mean_reward": float(np.mean(rewards))},
+        alone_accuracy=sum(i["local_correct"] for i in local) / max(len(local), 1),
+    )
 
 
 def sb3_router(ctx: EvalContext) -> MethodResult:

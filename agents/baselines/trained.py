@@ -77,8 +77,7 @@ def trained_policy(ctx: EvalContext, agent_name: str, template: str | None) -> t
 
 def _trained(ctx: EvalContext, name: str, label: str, agent: str, template: str | None) -> MethodResult:
     policy, run_dir = trained_policy(ctx, agent, template)
-    env = ctx.env(template=template)
-    return MethodResult(name, label, ctx.greedy(policy, env), training_metrics=run_dir / "metrics.csv")
+    return ctx.policy_result(name, label, policy, template, training_metrics=run_dir / "metrics.csv")
 
 
 def task_tuning(ctx: EvalContext) -> MethodResult:
@@ -102,14 +101,14 @@ def ppo(ctx: EvalContext) -> MethodResult:
 
 
 def gapg(ctx: EvalContext) -> MethodResult:
-    """GAPG; when budget-sweep runs exist (`python -m agents.train -m budget.ratio=...`), their
-    capped results form its accuracy-vs-cloud-rate curve."""
+    """GAPG; when budget-sweep runs exist (`python -m agents.train -m budget.ratio=...`), their capped
+    results are shown beside its help-bias curve."""
     result = _trained(ctx, "gapg", "GAPG (ours)", "gapg", None)
-    result.curve = sweep_curve(ctx, "gapg")
+    result.sweep_points = sweep_points(ctx, "gapg")
     return result
 
 
-def sweep_curve(ctx: EvalContext, agent_name: str) -> list[tuple[float, float]]:
+def sweep_points(ctx: EvalContext, agent_name: str) -> list[tuple[float, float]]:
     """(cloud rate, accuracy) of every finished budget-sweep run of `agent_name`, each under its own cap."""
     root = ctx.experiment_dir / "sweep" / f"{agent_name}-{ctx.run.task.template}"
     points = []
@@ -120,7 +119,6 @@ def sweep_curve(ctx: EvalContext, agent_name: str) -> list[tuple[float, float]]:
         if finished_checkpoint(checkpoint.parent.parent, run.train.steps) != checkpoint:
             continue
         policy = load_trained(ctx, run, checkpoint)
-        env = ctx.env(budget=held_out_cap(run, len(ctx.prompt_ids)))
-        metrics = summarize(ctx.greedy(policy, env))
+        metrics = summarize(ctx.evaluate(policy, budget=held_out_cap(run, len(ctx.prompt_ids))).infos)
         points.append((metrics["cloud_rate"], metrics["accuracy"]))
     return sorted(points)

@@ -70,8 +70,11 @@ class GeneratingRollout(RolloutEngine):
     """Backends that generate whole completions, then score them with `env.score_many`."""
 
     @abstractmethod
-    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, greedy: bool, seed: int) -> Generation:
-        """Completions for each prompt (already repeated G times), stopping at EOS, marker or answer end."""
+    def generate(
+        self, prompts: list[np.ndarray], max_new_tokens: int, greedy: bool, seed: int, help_bias: float = 0.0
+    ) -> Generation:
+        """Completions for each prompt (already repeated G times), stopping at EOS, marker or answer end;
+        `help_bias` is added to the help action's logit (collab_env.decoding.DecodeRequest)."""
 
     def rollout(
         self,
@@ -80,10 +83,11 @@ class GeneratingRollout(RolloutEngine):
         greedy: bool = False,
         max_new_tokens: int | None = None,
         seed: int | None = None,
+        help_bias: float = 0.0,
     ) -> Rollout:
         expanded = [pid for pid in prompt_ids for _ in range(group_size)]
         prompts = [self.env.prompt_tokens(pid) for pid in expanded]
         limit = max_new_tokens or self.env.config.max_new_tokens
-        generation = self.generate(prompts, limit, greedy, self.seed if seed is None else seed)
+        generation = self.generate(prompts, limit, greedy, self.seed if seed is None else seed, help_bias)
         scored = self.env.score_many(expanded, generation.completions)
         return self._assemble(expanded, prompts, generation, scored, group_size)

@@ -27,11 +27,13 @@ from agents.rollout.base import GeneratingRollout
 from collab_env.decoding import (
     DecodeRequest,
     Generation,
+    bias_help,
     decode_dynamic,
     sample_tokens,
     stops,
     to_generation,
 )
+from collab_env.markers import HelpBranch, help_branches
 
 COMPACT_BELOW = 0.75
 """The fast path drops finished rows once at most this share of its rows is still running: dropping
@@ -236,10 +238,12 @@ class StaticKVDecoder:
         live = list(range(n))  # original row of each cache row
         running = list(range(n))  # cache rows whose completion has not stopped
         for step in range(limit):
+            index = torch.as_tensor(live, device=device)
+            if request.help_bias:
+                logits = bias_help(logits, tokens_out[index, :step], request)
             tokens, token_logprobs = sample_tokens(
                 logits, request.temperature, request.top_p, request.greedy, request.generator
             )
-            index = torch.as_tensor(live, device=device)
             tokens_out[index, step] = tokens
             logprobs_out[index, step] = token_logprobs
             host = tokens.tolist() if states is not None else [0] * len(live)
@@ -268,6 +272,10 @@ class StaticKVDecoder:
 class HFRollout(GeneratingRollout):
     """Batched generation with a KV cache; rows stop as soon as the env's stop rules say so."""
 
+    def help_branches(self) -> tuple[HelpBranch, ...]:
+        """Where this env's completions branch into the marker: the branch token is the help action."""
+        return tuple(help_branches(self.env.tokenizer, self.env.task.template.render_answer("0")))
+
     @torch.no_grad()
     def generate(
         self,
@@ -275,6 +283,7 @@ class HFRollout(GeneratingRollout):
         max_new_tokens: int,
         greedy: bool,
         seed: int,
+        help_bias: float = 0.0,
         stop_rules: bool = True,
     ) -> Generation:
         """`stop_rules=False` decodes every row to `max_new_tokens` (benchmarks and equality tests)."""
@@ -299,6 +308,8 @@ class HFRollout(GeneratingRollout):
                     vocab=self.policy.vocab_size,
                     start_state=self.env.start_completion if stop_rules else None,
                     pad_id=int(self.policy.tokenizer.pad_token_id),
+                    help_bias=help_bias,
+                    help_branches=self.help_branches() if help_bias else (),
                 )
                 out = fast.decode(request) if fast is not None else decode_dynamic(model, request)
                 for i, tokens, lps in zip(chunk, out.completions, out.logprobs, strict=True):

@@ -30,7 +30,7 @@ from agents.config import RolloutConfig
 from agents.policy import Policy
 from agents.rollout.base import GeneratingRollout
 from collab_env.decoding import Generation
-from collab_env.errors import DependencyNotInstalled
+from collab_env.errors import ConfigError, DependencyNotInstalled
 from collab_env.tasks.templates import HELP_MARKER
 
 GPU_MEMORY_UTILIZATION = 0.3
@@ -79,7 +79,13 @@ class VLLMRollout(GeneratingRollout):
         self._stop_ids = sorted(detector.eos_ids)
         self._stop_text = [HELP_MARKER.split()[-1]] + ([detector.stop_text] if detector.stop_text else [])
 
-    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, greedy: bool, seed: int) -> Generation:
+    def generate(
+        self, prompts: list[np.ndarray], max_new_tokens: int, greedy: bool, seed: int, help_bias: float = 0.0
+    ) -> Generation:
+        if help_bias:
+            raise ConfigError(
+                "the vllm backend does not bias the help action; held-out evaluation decodes with hf."
+            )
         vllm = self._vllm
         sampling = vllm.SamplingParams(
             temperature=0.0 if greedy else self.config.temperature,
