@@ -1,8 +1,8 @@
 """What the Stable-Baselines3 and Tianshou adapters share: optional imports, config checks, running
 greedy episodes on held-out prompts under the test-time cap, and reusing a finished fit.
 
-An adapter provides `fit(run, run_dir, env_kwargs) -> act_for` (train, or load a finished fit of the
-same settings, and return a policy maker for an env); `fit_and_evaluate` turns that into the
+An adapter provides `fit(run, run_dir, env_kwargs) -> Fitted` (train, or load a finished fit of the
+same settings; greedy actions for an env and action probabilities); `fit_and_evaluate` turns that into the
 `train(run, run_dir)` that `python -m agents.train agent=sb3_ppo|tianshou_ppo` runs.
 """
 
@@ -37,8 +37,19 @@ from collab_env.routing_env import CLOUD_ACTION, DEVICE_ACTION
 Act = Callable[[Any, int], int]
 """A policy for evaluation: (observation, prompt id) -> action."""
 
-Fit = Callable[[RunConfig, Path, "dict[str, Any] | None"], Callable[[gym.Env], Act]]
-"""An adapter's `fit(run, run_dir, env_kwargs)`: the trained policy maker for an env of the run's kind."""
+
+@dataclass(frozen=True)
+class Fitted:
+    """What an adapter's `fit` returns: the trained policy's greedy actions on an env, and its
+    probability of the env's last action (the cloud on the routing env, the help action on the token
+    env) for a list of observations, which orders prompts along its accuracy-vs-cloud-rate curve."""
+
+    act_for: Callable[[gym.Env], Act]
+    help_probability: Callable[[list[Any]], np.ndarray]
+
+
+Fit = Callable[[RunConfig, Path, "dict[str, Any] | None"], Fitted]
+"""An adapter's `fit(run, run_dir, env_kwargs)`: train, or reload a finished fit of the same settings."""
 
 
 def require(module: str, what: str) -> ModuleType:
@@ -115,11 +126,16 @@ Act = Callable[[Any, int], int]
 """A policy for evaluation: (observation, prompt id) -> action."""
 
 
-def run_episodes(env: gym.Env, act: Act, prompt_ids: list[int]) -> tuple[list[float], list[dict[str, Any]]]:
-    """One episode per prompt, in order, in one budget window; returns final rewards and infos."""
+def run_episodes(
+    env: gym.Env, act: Act, prompt_ids: list[int], first_observations: list[Any] | None = None
+) -> tuple[list[float], list[dict[str, Any]]]:
+    """One episode per prompt, in order, in one budget window; returns final rewards and infos (and
+    appends each episode's first observation to `first_observations` when given)."""
     rewards, infos = [], []
     for index, prompt_id in enumerate(prompt_ids):
         obs, info = env.reset(options={"prompt_id": prompt_id, "reset_budget": index == 0})
+        if first_observations is not None:
+            first_observations.append(obs)
         done = False
         while not done:
             obs, reward, terminated, truncated, info = env.step(act(obs, prompt_id))
@@ -184,9 +200,9 @@ def fit_and_evaluate(
     routers on the routing env)."""
     run_dir = Path(run_dir)
     run = dataclasses.replace(run, device=resolve_device(run))
-    act_for = fit(run, run_dir, env_kwargs)
+    fitted = fit(run, run_dir, env_kwargs)
     with torch_threads(run.agent.num_threads):
-        metrics = evaluate(run, run.agent.env, run.agent.features, act_for, env_kwargs)
+        metrics = evaluate(run, run.agent.env, run.agent.features, fitted.act_for, env_kwargs)
     write_metrics(run_dir, metrics)
     return metrics
 

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from torch import nn
 
 from agents.config import RunConfig
 from agents.external import (
     Act,
+    Fitted,
     LibraryPPOConfig,
     fit_and_evaluate,
     fit_fingerprint,
@@ -187,8 +189,24 @@ def policy_act(model: Any, env: gym.Env, masked: bool) -> Act:
     return act
 
 
-def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Callable[[gym.Env], Act]:
-    """Train `agent=sb3_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
+def help_probability(model: Any) -> Callable[[list[Any]], np.ndarray]:
+    """The trained SB3 policy's probability of the env's last action for a list of observations."""
+
+    def probability(observations: list[Any]) -> np.ndarray:
+        if isinstance(observations[0], dict):
+            batch: Any = {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+        else:
+            batch = np.stack(observations)
+        with torch.no_grad():
+            tensor, _ = model.policy.obs_to_tensor(batch)
+            probs = model.policy.get_distribution(tensor).distribution.probs
+        return probs[:, -1].cpu().numpy()
+
+    return probability
+
+
+def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Fitted:
+    """Train `agent=sb3_ppo`; returns its greedy policy for an env of the same kind (`policy_act`).
 
     Writes SB3's progress.csv and TensorBoard logs and the policy's weights (sb3_policy.safetensors;
     not SB3's own zip, which pickles Python objects) to `run_dir`; a finished fit of the same
@@ -210,7 +228,9 @@ def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None)
             model.learn(total_timesteps=agent.total_timesteps, progress_bar=run.train.progress)
             save_fit(model.policy, weights, fingerprint)
         vec_env.close()
-    return lambda env: policy_act(model, env, masked=agent.algo == "maskable_ppo")
+    return Fitted(
+        lambda env: policy_act(model, env, masked=agent.algo == "maskable_ppo"), help_probability(model)
+    )
 
 
 def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:

@@ -35,6 +35,7 @@ from torch import nn
 from agents.config import RunConfig
 from agents.external import (
     Act,
+    Fitted,
     LibraryPPOConfig,
     fit_and_evaluate,
     fit_fingerprint,
@@ -186,19 +187,36 @@ def build_algorithm(run: RunConfig, env: gym.Env) -> Any:
     )
 
 
-def policy_act(policy: Any) -> Act:
-    """Greedy actions of a trained Tianshou policy (`deterministic_eval`) for Box or Dict observations."""
+def observation_batch(observations: list[Any]) -> Any:
+    """Tianshou's Batch of env observations (Box arrays or Dicts of them)."""
     from tianshou.data import Batch
 
+    if isinstance(observations[0], dict):
+        stacked: Any = Batch({k: np.stack([np.asarray(o[k]) for o in observations]) for k in observations[0]})
+    else:
+        stacked = np.stack([np.asarray(o) for o in observations])
+    return Batch(obs=stacked, info=Batch())
+
+
+def policy_act(policy: Any) -> Act:
+    """Greedy actions of a trained Tianshou policy (`deterministic_eval`) for Box or Dict observations."""
+
     def act(obs: Any, prompt_id: int) -> int:
-        if isinstance(obs, dict):
-            batch_obs: Any = Batch({key: np.asarray(value)[None] for key, value in obs.items()})
-        else:
-            batch_obs = np.asarray(obs)[None]
         with torch.no_grad():
-            return int(policy(Batch(obs=batch_obs, info=Batch())).act[0])
+            return int(policy(observation_batch([obs])).act[0])
 
     return act
+
+
+def help_probability(policy: Any) -> Callable[[list[Any]], np.ndarray]:
+    """The trained Tianshou policy's probability of the env's last action for a list of observations."""
+
+    def probability(observations: list[Any]) -> np.ndarray:
+        with torch.no_grad():
+            logits = policy(observation_batch(observations)).logits
+        return torch.softmax(torch.as_tensor(logits).float(), dim=-1)[:, -1].cpu().numpy()
+
+    return probability
 
 
 def learn(algorithm: Any, train_envs: Any, run: RunConfig, run_dir: Path) -> None:
@@ -230,7 +248,7 @@ def learn(algorithm: Any, train_envs: Any, run: RunConfig, run_dir: Path) -> Non
     writer.close()
 
 
-def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Callable[[gym.Env], Act]:
+def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> Fitted:
     """Train `agent=tianshou_ppo`; returns the greedy policy for an env of the same kind (`policy_act`).
 
     Writes TensorBoard logs and the policy's weights (tianshou_policy.safetensors) to `run_dir`; a
@@ -253,7 +271,7 @@ def fit(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None)
             save_fit(algorithm.policy, weights, fingerprint)
         train_envs.close()
         algorithm.policy.eval()
-    return lambda env: policy_act(algorithm.policy)
+    return Fitted(lambda env: policy_act(algorithm.policy), help_probability(algorithm.policy))
 
 
 def train(run: RunConfig, run_dir: Path, env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:

@@ -3,17 +3,25 @@ router beats, a curve for a trained policy from a bias on its help logit, and in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import encode
+from hydra import compose, initialize_config_dir
+from test_train_smoke import CONFIGS
 
+from agents import sb3, tianshou
+from agents.baselines.routers import oracle_gain
 from agents.config import RolloutConfig
 from agents.evaluation import EvalResult, evaluate_policy, help_curve
+from agents.external import run_episodes
 from agents.policy import Policy
+from agents.registry import register_configs, to_objects
 from agents.rollout.hf import HFRollout
+from agents.runs import make_eval_env, resolve_device
 from agents.tradeoff import apgr, paired_bootstrap, route, threshold_curve
 from collab_env.decoding import Generation
 from collab_env.models import load_model, load_tokenizer
@@ -67,8 +75,6 @@ def test_a_refused_call_is_scored_alike_for_a_router_and_for_a_policy(make_env, 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_no_router_over_the_same_device_beats_the_oracle(seed):
-    from agents.baselines.routers import oracle_gain
-
     rng = np.random.default_rng(seed)
     n = 60
     local = [{"local_correct": bool(rng.random() < 0.5)} for _ in range(n)]
@@ -150,3 +156,25 @@ def test_paired_bootstrap_covers_a_known_difference():
     small = paired_bootstrap(a[:200], b[:200])
     assert small[2] - small[1] > 2 * (high - low)  # ten times fewer prompts: about sqrt(10) wider
     assert paired_bootstrap(b, b) == (0.0, 0.0, 0.0)
+
+
+def test_learned_routers_call_where_their_cloud_probability_passes_one_half(tmp_path):
+    """An SB3 and a Tianshou router: the probabilities that order the prompts of their curves agree with
+    their greedy actions (a call exactly where P(cloud) > 1/2)."""
+    register_configs()
+    for agent, fit, budget in (
+        ("sb3_ppo", sb3.fit, "agent.n_steps=32"),
+        ("tianshou_ppo", tianshou.fit, "agent.epoch_num_steps=256"),
+    ):
+        overrides = ["experiment=smoke", f"agent={agent}", "agent.features=ngrams", budget]
+        with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+            run = to_objects(compose(config_name="train", overrides=overrides))
+        run = dataclasses.replace(run, device=resolve_device(run))
+        fitted = fit(run, tmp_path / agent, None)
+        env = make_eval_env(run, 16, "routing", "ngrams")
+        ids = [p.id for p in env.unwrapped.task.problems("test")][:16]
+        observations: list = []
+        _, infos = run_episodes(env, fitted.act_for(env), ids, observations)
+        probability = fitted.help_probability(observations)
+        assert probability.shape == (16,) and ((probability >= 0) & (probability <= 1)).all()
+        assert [i["called_help"] for i in infos] == (probability > 0.5).tolist()

@@ -163,21 +163,25 @@ def learned_router(ctx: EvalContext, name: str, label: str, agent: Any, fit: Fit
 
     The routing env holds the task-tuned device's answers, so the router learns from the rewards of
     routing that device's prompts (training split, `agent`'s features); it is then run greedily on the
-    held-out prompts under the test-time cap. Its run lives in `runs/<agent>-routing/seed<seed>/`.
+    held-out prompts under the test-time cap; its curve orders the prompts by its probability of
+    calling the cloud on each one's first observation. Its run lives in `runs/<agent>-routing/seed<seed>/`.
     """
     run = dataclasses.replace(ctx.run, agent=agent)
     env_kwargs = {"device_answers": ctx.memo("routing-answers", lambda: routing_device_answers(ctx))}
     run_dir = ctx.experiment_dir / "runs" / f"{agent.name}-routing" / f"seed{run.seed}"
     print(f"[evaluate] training the {agent.name} router in {run_dir}", flush=True)
-    act_for = fit(run, run_dir, env_kwargs)
+    fitted = fit(run, run_dir, env_kwargs)
     env = make_eval_env(run, len(ctx.prompt_ids), "routing", agent.features, env_kwargs)
-    rewards, infos = run_episodes(env, act_for(env), ctx.prompt_ids)
+    observations: list[Any] = []
+    rewards, infos = run_episodes(env, fitted.act_for(env), ctx.prompt_ids, observations)
     env.close()
-    local, _ = _held_out(ctx)
+    local, cloud = _held_out(ctx)
+    scores = fitted.help_probability(observations).tolist()
     return MethodResult(
         name,
         label,
         infos,
+        threshold_curve(local, cloud, scores, CURVE_RATES),
         extra={"router/mean_reward": float(np.mean(rewards))},
         alone_accuracy=sum(i["local_correct"] for i in local) / max(len(local), 1),
     )
