@@ -14,11 +14,11 @@ from gymnasium import spaces
 
 from collab_env.budget import CloudBudget
 from collab_env.cloud import make_oracle
-from collab_env.config import BudgetConfig, DeviceConfig, EnvConfig, TaskConfig, coerce
+from collab_env.config import SPLITS, BudgetConfig, DeviceConfig, EnvConfig, TaskConfig, coerce
 from collab_env.errors import ConfigError, IllegalActionError, PromptTooLongError
 from collab_env.markers import STOP_LENGTH, CompletionState, MarkerDetector
 from collab_env.models import load_tokenizer
-from collab_env.scoring import EpisodeScorer
+from collab_env.scoring import EpisodeScorer, action_space_error, integer_action
 from collab_env.tasks import Problem, make_task
 
 RESET_OPTIONS = ("prompt_id", "split", "reset_budget")
@@ -81,11 +81,7 @@ class EnvCore:
 
     def check_prompts(self, chunk: int = 512) -> None:
         """Tokenize every prompt now; PromptTooLongError says how many exceed the window and by how much."""
-        todo = [
-            p
-            for p in self.task.problems("train") + self.task.problems("test")
-            if p.id not in self._prompt_ids
-        ]
+        todo = [p for split in SPLITS for p in self.task.problems(split) if p.id not in self._prompt_ids]
         too_long: dict[int, int] = {}
         for first in range(0, len(todo), chunk):
             problems = todo[first : first + chunk]
@@ -121,10 +117,7 @@ class EnvCore:
     def check_action(self, action: Any) -> int:
         value = integer_action(action)
         if value is None or not 0 <= value <= self.help_action:
-            raise IllegalActionError(
-                f"action {reprlib.repr(action)} is outside the action space Discrete({self.vocab_size + 1}): "
-                f"use a token id in [0, {self.vocab_size - 1}] or {self.help_action} (help_action) to call for help."
-            )
+            raise action_space_error(action, self.help_action)  # `score` raises the same for a token
         return value
 
 
@@ -194,8 +187,8 @@ def check_reset_options(options: Any, allowed: tuple[str, ...]) -> dict[str, Any
     if unknown:
         raise ConfigError(f"unknown reset option(s) {reprlib.repr(unknown)}; allowed: {', '.join(allowed)}.")
     split = options.get("split", "train")
-    if not isinstance(split, str) or split not in ("train", "test"):
-        raise ConfigError(f"reset option split={reprlib.repr(split)}; use 'train' or 'test'.")
+    if not isinstance(split, str) or split not in SPLITS:
+        raise ConfigError(f"reset option split={reprlib.repr(split)}; use one of: {', '.join(SPLITS)}.")
     # A truthy string such as "no" must not silently start a new budget window.
     if not isinstance(options.get("reset_budget", False), bool | np.bool_):
         raise ConfigError(
@@ -217,17 +210,6 @@ def check_render_mode(render_mode: str | None, render_modes: list[str]) -> None:
     """ConfigError unless `render_mode` is None or one of the environment's `render_modes`."""
     if render_mode is not None and render_mode not in render_modes:
         raise ConfigError(f"render_mode={render_mode!r}; use one of {render_modes} or None.")
-
-
-def integer_action(action: Any) -> int | None:
-    """A scalar action with an integer value as an int, else None (the caller names the action space)."""
-    try:
-        # int() would also take a one-element array; the action spaces hold scalars only.
-        if np.ndim(action) == 0 and int(action) == action:
-            return int(action)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
-        pass
-    return None
 
 
 class CoreViews:

@@ -5,16 +5,39 @@ the budget to the cloud, and the hierarchical reward is computed. `DeviceCloudEn
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+import numpy as np
 
 from collab_env.budget import CloudBudget
 from collab_env.cloud import CachedOracle
 from collab_env.config import RewardConfig
+from collab_env.errors import IllegalActionError
 from collab_env.markers import STOP_HELP, STOP_LENGTH, CompletionState, MarkerDetector
 from collab_env.rewards import hierarchical_reward
 from collab_env.tasks import Problem, Task
 
 OUTCOMES = ("local_correct", "cloud_correct", "wrong", "over_budget")
+
+
+def integer_action(action: Any) -> int | None:
+    """A scalar action with an integer value as an int, else None (the caller names the action space)."""
+    try:
+        # int() would also take a one-element array; the action spaces hold scalars only.
+        if np.ndim(action) == 0 and int(action) == action:
+            return int(action)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
+        pass
+    return None
+
+
+def action_space_error(action: Any, help_action: int, where: str = "") -> IllegalActionError:
+    """The error for an action outside Discrete(help_action + 1), the same for `step` and `score`."""
+    return IllegalActionError(
+        f"action {reprlib.repr(action)}{where} is outside the action space Discrete({help_action + 1}): "
+        f"use a token id in [0, {help_action - 1}] or {help_action} (help_action) to call for help."
+    )
 
 
 class EpisodeScorer:
@@ -32,10 +55,16 @@ class EpisodeScorer:
         self, token_ids: list[int] | Any, help_action: int, max_new_tokens: int
     ) -> tuple[CompletionState, str | None]:
         """Feed a whole completion through the stop rules of `step`; tokens after the first stop
-        (or past `max_new_tokens`) are ignored. Returns the state and why it stopped (None: it ran out)."""
+        (or past `max_new_tokens`) are ignored. Returns the state and why it stopped (None: it ran out).
+
+        Every token it reads must be an action `step` accepts (an integer in [0, help_action]), else
+        IllegalActionError names it and its position: a negative id would index the token table from
+        its end, and a float would be truncated to another token."""
         state = self.detector.start()
-        for token in token_ids:
-            token = int(token)
+        for position, action in enumerate(token_ids):
+            token = action if type(action) is int else integer_action(action)
+            if token is None or not 0 <= token <= help_action:
+                raise action_space_error(action, help_action, f" (token {position} of the completion)")
             stop = state.call_for_help() if token == help_action else state.feed(token)
             if stop is not None:
                 return state, stop
@@ -72,7 +101,17 @@ class EpisodeScorer:
         """
         text = self.detector.tokenizer.decode(state.ids, skip_special_tokens=True)
         local_answer = self.task.extract_answer(text)
-        local_correct = self.task.verify(problem, local_answer)
+        # A completion that calls for help gives up its own answer, under every template: the device
+        # either answers or asks the cloud (the hierarchical reward has no case for both). Without
+        # this rule `numbered_steps`, which has no answer stop, would count "... \boxed{85} <unknown>
+        # I need external assistance </unknown>" as locally correct: alpha_a when the cap refuses
+        # the call, and a place in GAPG's Set 1. Under `answer_tags` and `plain` the answer stop
+        # (`</answer>`) ends a completion before a marker can follow it; `plain` does not offer the
+        # help option, but the help action and the marker still call the cloud there. In the routing
+        # env `called_help` is the router's choice: a refused call falls back on the device's
+        # completion, which keeps its answer unless it wrote the marker itself.
+        gave_up = state.called_help or self.detector.untagged_call(text)
+        local_correct = not gave_up and self.task.verify(problem, local_answer)
         used_cloud = budget.record(called_help)
         cloud_answer: str | None = None
         cloud_correct: bool | None = None

@@ -225,3 +225,100 @@ def test_creating_the_env_loads_no_model_weights(monkeypatch, cloud_cache):
     env = gym.make("DeviceCloud-v0", cloud={"name": "simulated", "cache_path": cloud_cache})
     obs, _ = env.reset(seed=0)
     assert obs["attention_mask"].sum() > 0
+
+
+@pytest.mark.parametrize(
+    "bad", [-1, -2, "past the help action", 2.5, float("nan"), None], ids=lambda b: repr(b)
+)
+def test_score_refuses_the_token_ids_step_refuses(make_env, bad):
+    """score() and score_many() take exactly the actions step() takes: a negative id used to index
+    the token table from its end, a float was truncated to another token."""
+    env = make_env()
+    core = env.unwrapped
+    bad = core.help_action + 1 if bad == "past the help action" else bad
+    problem = _problem(env)
+    with pytest.raises(IllegalActionError, match="outside the action space") as stepped:
+        core.step(bad)
+    valid = f"Discrete({core.help_action + 1}): use a token id in [0, {core.help_action - 1}] or {core.help_action}"
+    assert valid in str(stepped.value)
+    tokens = [*encode(env, "<think>"), bad, *encode(env, f"<answer>{problem.answer}</answer>")]
+    for call in (
+        lambda: core.score(problem.id, tokens),
+        lambda: core.score_many([problem.id, problem.id], [encode(env, "<answer>1</answer>"), tokens]),
+    ):
+        with pytest.raises(IllegalActionError) as scored:
+            call()
+        position = len(encode(env, "<think>"))
+        assert str(scored.value) == str(stepped.value).replace(
+            " is outside", f" (token {position} of the completion) is outside"
+        )
+    assert (core.budget.episodes, core.cloud.stats.calls) == (0, 0)  # a refused completion counts nothing
+    # The help action is a valid token in score as in step, and odd integer types are taken by both.
+    reward, info = core.score(problem.id, [np.int64(encode(env, " 7")[-1]), 7.0, core.help_action])
+    assert info["called_help"] and info["stop_reason"] == "help" and core.budget.episodes == 1
+    # A token after the first stop is never read, as step() never sees it.
+    _, info = core.score(problem.id, [*encode(env, f"<answer>{problem.answer}</answer>"), bad])
+    assert info["local_correct"] and info["stop_reason"] == "answer"
+
+
+def test_vector_env_score_refuses_a_negative_token(cloud_cache):
+    vec = gym.make_vec(
+        "DeviceCloud-v0",
+        num_envs=2,
+        vectorization_mode="vector_entry_point",
+        task={"name": "arithmetic", "num_train": 10, "num_test": 5},
+        cloud={"name": "simulated", "cache_path": cloud_cache},
+    )
+    with pytest.raises(IllegalActionError, match=r"action -1 \(token 0 of the completion\) is outside"):
+        vec.unwrapped.score(0, [-1])
+    assert vec.unwrapped.score(0, [vec.unwrapped.help_action], env_index=1)[1]["called_help"]
+
+
+ANSWER_THEN_HELP = {
+    "answer_tags": "<think>{a} is the sum</think>",
+    "plain": "<think>{a} is the sum</think>",
+    "numbered_steps": "Step 1: the sum is {a}. \\boxed{{{a}}}",
+}
+
+
+@pytest.mark.parametrize("template", ["answer_tags", "numbered_steps", "plain"])
+@pytest.mark.parametrize("how", ["help_action", "marker", "untagged"])
+def test_a_completion_that_calls_for_help_is_never_locally_correct(make_env, template, how):
+    """Calling for help gives up the local answer under every template (scoring.py): under
+    numbered_steps, which has no answer stop, a \\boxed answer before the marker used to count as
+    locally correct, and a refused call then earned alpha_a and a place in GAPG's Set 1. Under
+    answer_tags and plain, `</answer>` ends the completion first, so no call can follow an answer.
+    plain's prompt offers no help, yet a call there is a call: the cloud answers, or the cap refuses."""
+    task = {"name": "arithmetic", "num_train": 20, "num_test": 10, "template": template}
+    env = make_env(task=task, budget={"mode": "cap", "ratio": 3 / 7}, cloud={"accuracy": 1.0})
+    core = env.unwrapped
+    problem = _problem(env)
+    before = encode(env, ANSWER_THEN_HELP[template].format(a=problem.answer))
+    call = {
+        "help_action": [core.help_action],
+        "marker": encode(env, " " + HELP_MARKER),
+        "untagged": encode(env, " I need external assistance"),
+    }[how]
+    # The answer in the template's own format is locally correct when no help is called ...
+    _, info = core.score(problem.id, encode(env, core.task.template.render_answer(problem.answer)))
+    assert info["local_correct"] and info["outcome"] == "local_correct" and not info["called_help"]
+    # ... and the same reasoning followed by a call is not, whether the cloud is asked or refused.
+    for budget, outcome, reward in (("cap", "over_budget", 0.0), ("train", "cloud_correct", 0.3)):
+        env = make_env(
+            task=task,
+            max_new_tokens=len(before) + len(call),
+            budget={"mode": budget, "ratio": 3 / 7},
+            cloud={"accuracy": 1.0},
+        )
+        assert _problem(env).id == problem.id
+        got_reward, _, _, info = play(env, before + call)
+        assert info["called_help"] and not info["local_correct"], info
+        assert info["outcome"] == outcome and got_reward == pytest.approx(reward)
+        scored = make_env(task=task, max_new_tokens=len(before) + len(call), budget={"mode": budget})
+        assert scored.unwrapped.score(problem.id, before + call)[1]["local_correct"] is False
+    if template == "numbered_steps":  # the answer is there, and still reported, but not credited
+        assert info["local_answer"] == problem.answer
+    else:  # the answer stop comes first: what follows it is never read, so nothing is called
+        answered = encode(env, core.task.template.render_answer(problem.answer)) + call
+        _, info = make_env(task=task, budget={"mode": "train"}).unwrapped.score(problem.id, answered)
+        assert info["stop_reason"] == "answer" and info["local_correct"] and not info["called_help"]

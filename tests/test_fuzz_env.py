@@ -23,8 +23,10 @@ test records its counts (cases, calls, episodes, errors raised as required) as j
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -189,24 +191,37 @@ def action_ok(action: Any, size: int) -> bool:
 
 
 class BudgetModel:
-    """What `CloudBudget` should count, written from its documentation rather than its code."""
+    """What `CloudBudget` should count, written from the paper's constraint rather than budget.py's code.
+
+    The constraint is E[cloud calls] <= rho * E[local answers] (v3 eq. 1): here, counted over the
+    window's episodes, a call is admitted when the window's cloud calls, this one included, stay within
+    rho times its local answers, this episode excluded. With a window of N episodes the quota is the
+    largest k with k <= rho * (N - k), first come first served, and a full window starts afresh.
+    (budget.py writes the same rule as a share rho/(1+rho) of the episodes.)"""
 
     def __init__(self, budget: dict[str, Any]) -> None:
         self.mode, self.window, self.penalty = budget["mode"], budget["window"], budget["penalty"]
-        self.share = budget["ratio"] / (1 + budget["ratio"])
+        self.rho = budget["ratio"]
         self.calls = self.episodes = 0
 
     def reset(self) -> None:
         self.calls = self.episodes = 0
 
+    def within(self, calls: int, local: int) -> bool:
+        return calls <= self.rho * local + TOLERANCE
+
+    def quota(self) -> int:
+        """Calls a window of `window` episodes may make."""
+        return max(k for k in range(self.window + 1) if self.within(k, self.window - k))
+
     def admits(self) -> bool:
         """Whether one more call would be admitted now (cap mode), counting a full window as fresh."""
         if self.mode != "cap":
             return True
-        if self.window is None:
-            return self.calls + 1 <= self.share * (self.episodes + 1) + TOLERANCE
+        if self.window is None:  # after the call: calls + 1 cloud answers, episodes - calls local ones
+            return self.within(self.calls + 1, self.episodes - self.calls)
         calls = 0 if self.episodes >= self.window else self.calls
-        return calls + 1 <= math.floor(self.share * self.window + TOLERANCE)
+        return calls + 1 <= self.quota()
 
     def finish(self, info: dict[str, Any], reward: float, obs_budget: np.ndarray) -> None:
         """Check one finished episode's info, reward and budget observation, and count it."""
@@ -225,9 +240,9 @@ class BudgetModel:
         }
         assert self.calls <= self.episodes
         if self.mode == "cap" and self.window is None:
-            assert self.calls <= self.share * self.episodes + TOLERANCE
+            assert self.within(self.calls, self.episodes - self.calls)
         elif self.mode == "cap":
-            assert self.calls <= math.floor(self.share * self.window + TOLERANCE)
+            assert self.calls <= self.quota()
         assert info["outcome"] == (
             "over_budget"
             if called and not used
@@ -244,7 +259,116 @@ class BudgetModel:
         if used and self.mode == "penalty":
             expected -= self.penalty
         assert reward == pytest.approx(expected)
-        np.testing.assert_allclose(obs_budget, [self.share, self.calls / self.episodes], rtol=1e-6, atol=1e-7)
+        share = self.rho / (1 + self.rho)  # the observation's documented target share
+        np.testing.assert_allclose(obs_budget, [share, self.calls / self.episodes], rtol=1e-6, atol=1e-7)
+
+
+# The oracle of stops, answers and grades: written from the env's documentation (DeviceCloud-v0's
+# "Episode End", the answer_tags template, the numeric verifier), using none of markers.py, the
+# task's extractor or its verifier.
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+TAGGED_CALL = re.compile(
+    r"<\s*unknown\s*>\s*i\s+need\s+external\s+assistance\s*<\s*/\s*unknown\s*>", re.IGNORECASE
+)
+UNTAGGED_CALL = re.compile(r"i\s+need\s+external\s+assistance\W*$", re.IGNORECASE)
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@functools.cache
+def token_tables(tokenizer: Any) -> tuple[frozenset[int], list[int], list[int]]:
+    """The end-of-text ids, and the marker's tokens alone and after a space (once per tokenizer)."""
+    vocab = tokenizer.get_vocab()
+    end_ids = frozenset({vocab[t] for t in END_TOKENS if t in vocab} | {tokenizer.eos_token_id})
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    return end_ids, encode(HELP_MARKER), encode(" " + HELP_MARKER)
+
+
+class ReferenceCompletion:
+    """One completion as the documentation says it ends: EOS (not written), the help action (writes
+    the marker), the marker's tokens as the tokenizer writes it (alone or after a space), with
+    lenient matching its text with any spacing or case, or `</answer>`."""
+
+    def __init__(self, tokenizer: Any, lenient: bool) -> None:
+        self.tokenizer, self.lenient = tokenizer, lenient
+        self.end_ids, self.marker, self.spaced_marker = token_tables(tokenizer)
+        self.ids: list[int] = []
+        self.called_help = False
+
+    def step(self, token: int, help_action: int) -> str | None:
+        if token == help_action:
+            self.ids += self.marker
+            self.called_help = True
+            return "help"
+        if token in self.end_ids:
+            return "eos"
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if any(self.ids[-len(m) :] == m for m in (self.marker, self.spaced_marker)) or (
+            self.lenient and TAGGED_CALL.search(text)
+        ):
+            self.called_help = True
+            return "help"
+        return "answer" if "</answer>" in text else None
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def calls_help(self) -> bool:
+        """At the end: the marker, or (lenient) a completion ending in the untagged words."""
+        return self.called_help or (self.lenient and bool(UNTAGGED_CALL.search(self.text().strip())))
+
+    def answer(self) -> str | None:
+        found = ANSWER.findall(self.text())
+        return found[-1].strip() if found else None
+
+
+def arithmetic_truth(problem: Any) -> int:
+    a, op, b = problem.data["a"], problem.data["op"], problem.data["b"]
+    return a + b if op == "+" else a * b
+
+
+def graded_right(answer: str | None, truth: int) -> bool:
+    """The numeric verifier's documented rule for the answers the fuzzer writes: the same number."""
+    cleaned = (answer or "").strip().replace(",", "")
+    return bool(re.fullmatch(r"[-+]?\d+(\.0*)?", cleaned)) and Fraction(cleaned) == truth
+
+
+def check_grades(
+    info: dict[str, Any],
+    completion: ReferenceCompletion,
+    problem: Any,
+    accuracy: float,
+    batched: bool = False,
+) -> None:
+    """The final info's call, answers and grades against the oracle (a call gives up the local answer).
+
+    `batched`: the info was read out of the vector env's batched info, where gymnasium's `_add_info`
+    keeps `cloud_correct` in a bool array when another sub-env's is a bool, so its None reads False."""
+    truth = arithmetic_truth(problem)
+    assert info["called_help"] == completion.calls_help(), (info, completion.text())
+    assert info["local_answer"] == completion.answer(), (info, completion.text())
+    assert info["local_correct"] == (not info["called_help"] and graded_right(info["local_answer"], truth))
+    if info["called_cloud"]:
+        assert info["cloud_correct"] == graded_right(info["cloud_answer"], truth)
+        if accuracy in (0.0, 1.0):
+            assert info["cloud_correct"] == (accuracy == 1.0)
+    else:
+        assert (
+            info["cloud_correct"] in ((None, False) if batched else (None,)) and info["cloud_answer"] is None
+        )
+
+
+GRADE_COUNTS = ("stop_eos", "stop_help", "stop_answer", "stop_length", "local_right", "cloud_right")
+"""Cases each run meets many times over (untagged calls and wrong local answers are counted, but rarer)."""
+
+
+def count_grades(counts: Counter[str], info: dict[str, Any]) -> None:
+    """Count how an episode ended and how it was graded, so a test can show that its oracle met each case."""
+    counts[f"stop_{info['stop_reason']}"] += 1
+    counts["untagged_calls"] += info["called_help"] and info["stop_reason"] != "help"
+    if info["local_answer"] is not None:
+        counts["local_right" if info["local_correct"] else "local_wrong"] += 1
+    counts["cloud_right"] += bool(info["cloud_correct"])
 
 
 def freeze(value: Any) -> Any:
@@ -261,14 +385,19 @@ def freeze(value: Any) -> Any:
 
 
 def text_tokens(env: Any, which: str, answer: str) -> list[int]:
+    encode = env.tokenizer.encode
+    if which == "almost":  # the marker's tokens with another last token: no call, in either mode
+        return encode(f" {HELP_MARKER}", add_special_tokens=False)[:-1] + encode(
+            " ok", add_special_tokens=False
+        )
     text = {
         "right": f"<answer>{answer}</answer>",
         "wrong": f"<answer>{int(answer) + 1}</answer>",
-        "marker": f"<think>hard</think> {HELP_MARKER}",
+        "marker": f" {HELP_MARKER}",  # 10 tokens: it fits an episode (a "think" text may come first)
         "untagged": " I need external assistance",
         "think": "<think>carry the one</think>",
     }[which]
-    return env.tokenizer.encode(text, add_special_tokens=False)
+    return encode(text, add_special_tokens=False)
 
 
 def check_obs(env: Any, obs: dict[str, np.ndarray], prompt: np.ndarray, completion: list[int]) -> None:
@@ -368,7 +497,8 @@ def run_single(
             elif options and "split" in options:
                 assert problem.split == options["split"]
             assert info == {"prompt_id": problem.id, "level": problem.level}
-            state, prompt, active = env.start_completion(), env.prompt_tokens(problem.id), True
+            state = ReferenceCompletion(env.tokenizer, config["marker_match"] == "lenient")
+            prompt, active = env.prompt_tokens(problem.id), True
             check_obs(env, obs, prompt, state.ids)
             trajectory.append(("reset", freeze(obs), info))
             continue
@@ -385,11 +515,13 @@ def run_single(
             assert ok, action
             counts["steps"] += 1
             calls.append(("act", action, True))
-            token = int(action)
-            stop = state.call_for_help() if token == env.help_action else state.feed(token)
+            stop = state.step(int(action), env.help_action)
             length = stop is None and len(state.ids) >= config["max_new_tokens"]
             assert (terminated, truncated) == (stop is not None, length)
             check_obs(env, obs, prompt, state.ids)
+            counts[f"written_marker_{config['marker_match']}"] += (
+                stop == "help" and int(action) != env.help_action
+            )
             if not (terminated or truncated):
                 assert (reward, info) == (0.0, {})
             else:
@@ -397,17 +529,12 @@ def run_single(
                 counts["episodes"] += 1
                 assert info["prompt_id"] == problem.id and info["completion_tokens"] == len(state.ids)
                 assert info["stop_reason"] == (stop or "length")
-                assert info["called_help"] or stop != "help"
-                text = env.tokenizer.decode(state.ids, skip_special_tokens=True)
-                assert info["local_answer"] == env.task.extract_answer(text)
-                assert info["local_correct"] == env.task.verify(problem, info["local_answer"])
+                check_grades(info, state, problem, config["accuracy"])
                 if info["called_cloud"]:
                     asked.add(problem.id)
-                    assert info["cloud_correct"] == env.task.verify(problem, info["cloud_answer"])
-                else:
-                    assert info["cloud_correct"] is None and info["cloud_answer"] is None
                 counts["cloud_calls"] += info["called_cloud"]
                 counts["refused_calls"] += info["budget"]["over_budget"]
+                count_grades(counts, info)
                 budget.finish(info, reward, obs["budget"])
                 assert env.cloud.stats.calls == len(asked)  # never asked twice for a prompt
             trajectory.append(("step", freeze(obs), reward, terminated, truncated, freeze(info)))
@@ -465,11 +592,55 @@ def test_fuzz_single_env(record_testsuite_property):
     counts = fuzz(
         record_testsuite_property, "single", 60, check, env_settings, st.integers(0, 2**32 - 1), single_ops
     )
-    # The examples reached what they are meant to test: episodes, refusals and both kinds of error.
+    # The examples reached what they are meant to test: episodes, refusals and both kinds of error,
+    # every way an episode ends, and local answers graded both ways.
     assert (
         min(counts["episodes"], counts["illegal_actions"], counts["config_errors"], counts["refused_calls"])
         > 0
     )
+    assert min(counts[k] for k in GRADE_COUNTS) > 0, dict(counts)
+
+
+@pytest.mark.parametrize("marker_match", ["strict", "lenient"])
+def test_scripted_episodes_meet_every_stop_rule_under_the_oracle(marker_match):
+    """The cases random draws reach rarely, through the same runner and oracle: the marker written token
+    by token (it ends the episode on its last token, in both modes), the marker with another last token
+    and a marker cut off by the length limit (no call), the untagged words at the length limit (a call
+    only when lenient), right and wrong answers."""
+    config = {
+        "budget": {"mode": "cap", "ratio": 1.0, "window": None, "penalty": 0.0},
+        "max_new_tokens": 14,  # the marker is 10 tokens; "think" (10) + the untagged words (4) fill 14
+        "marker_match": marker_match,
+        "accuracy": 1.0,
+    }
+    episodes = [
+        [("text", "marker")],
+        [("text", "almost"), ("text", "right")],
+        [("text", "think"), ("text", "untagged")],
+        [("text", "think"), ("text", "marker")],
+        [("text", "right")],
+        [("text", "wrong")],
+        [("eos",)],
+        [("help",)],
+    ]
+    ops = [
+        op
+        for i, steps in enumerate(episodes)
+        for op in (("reset", None if i else 0, None), *(("step", s) for s in steps))
+    ]
+    counts: Counter[str] = Counter()
+    trajectory, _ = run_single(config, ops, counts)
+    assert counts["episodes"] == len(episodes)
+    assert counts[f"written_marker_{marker_match}"] == 1 and counts["stop_help"] == 2
+    assert counts["untagged_calls"] == (marker_match == "lenient")
+    assert (counts["stop_answer"], counts["local_right"], counts["local_wrong"], counts["stop_eos"]) == (
+        2,
+        1,
+        1,
+        1,
+    )
+    assert counts["stop_length"] == 3
+    assert trajectory == run_single(config, ops, Counter())[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +715,8 @@ def run_vector(
         max_new_tokens=config["max_new_tokens"],
         marker_match=config["marker_match"],
     ).unwrapped
-    single = make_single(config)  # the tokenizer, task and stop rules the sub-envs share
+    single = make_single(config)  # the tokenizer and task the sub-envs share
+    lenient = config["marker_match"] == "lenient"
     budgets = [BudgetModel(config["budget"]) for _ in range(n)]
     states: list[Any] = [None] * n
     prompts: list[Any] = [None] * n
@@ -578,7 +750,7 @@ def run_vector(
                 if options and "prompt_ids" in options:
                     assert problems[i].id == options["prompt_ids"][i]
                 states[i], prompts[i], pending[i] = (
-                    single.start_completion(),
+                    ReferenceCompletion(single.tokenizer, lenient),
                     single.prompt_tokens(problems[i].id),
                     False,
                 )
@@ -620,22 +792,24 @@ def run_vector(
                     problems[i] = single.task.problem(info["prompt_id"])
                     assert info == {"prompt_id": problems[i].id, "level": problems[i].level}
                     states[i], prompts[i], pending[i] = (
-                        single.start_completion(),
+                        ReferenceCompletion(single.tokenizer, lenient),
                         single.prompt_tokens(problems[i].id),
                         False,
                     )
                     continue
-                token = int(actions[i])
-                stop = states[i].call_for_help() if token == single.help_action else states[i].feed(token)
+                stop = states[i].step(int(actions[i]), single.help_action)
                 length = stop is None and len(states[i].ids) >= config["max_new_tokens"]
                 assert (terminated[i], truncated[i]) == (stop is not None, length)
                 if terminated[i] or truncated[i]:
                     counts["episodes"] += 1
                     counts["cloud_calls"] += info["called_cloud"]
                     counts["refused_calls"] += info["budget"]["over_budget"]
+                    count_grades(counts, info)
                     assert info["prompt_id"] == problems[i].id and info["completion_tokens"] == len(
                         states[i].ids
                     )
+                    assert info["stop_reason"] == (stop or "length")
+                    check_grades(info, states[i], problems[i], config["accuracy"], batched=True)
                     budgets[i].finish(info, float(rewards[i]), obs["budget"][i])
                     pending[i] = True
                 else:
@@ -679,6 +853,8 @@ def test_fuzz_vector_env(record_testsuite_property):
         st.data(),
     )
     assert min(counts["episodes"], counts["illegal_actions"], counts["config_errors"]) > 0
+    # One token of a text per batch step: answers are never completed here (the single env's fuzz has them).
+    assert min(counts[k] for k in ("stop_eos", "stop_help", "stop_length", "cloud_right")) > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,7 +908,7 @@ def run_routing(
             assert env.observation_space.contains(obs)
             if budget.episodes and not (budget.window is not None and budget.episodes >= budget.window):
                 np.testing.assert_allclose(
-                    obs[-2:], [budget.share, budget.calls / budget.episodes], atol=1e-7
+                    obs[-2:], [budget.rho / (1 + budget.rho), budget.calls / budget.episodes], atol=1e-7
                 )
             trajectory.append(("reset", freeze(obs), info))
             continue
@@ -754,7 +930,8 @@ def run_routing(
         assert masks.tolist() == [True, budget.admits()]  # the mask is the cap's own admission rule
         assert (terminated, truncated) == (True, False) and env.observation_space.contains(obs)
         assert info["prompt_id"] == problem.id and info["called_help"] == (int(action) == CLOUD_ACTION)
-        assert info["local_correct"] == env.device_correct(problem.id)
+        # The scripted device is right exactly on the easy levels (its definition, not the env's grading).
+        assert info["local_correct"] == env.device_correct(problem.id) == (problem.level in EASY_LEVELS)
         if info["called_cloud"]:
             asked.add(problem.id)
         counts["cloud_calls"] += info["called_cloud"]

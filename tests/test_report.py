@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import sys
 
 import pytest
@@ -13,6 +15,18 @@ from agents.checkpoint import CheckpointError
 from agents.evaluate import evaluate
 from agents.registry import register_configs, to_objects
 from agents.report import main
+from collab_env.tasks import make_task
+
+
+def simulated_cloud_accuracy(run, num_prompts: int) -> float:
+    """What the settings imply for cloud-only accuracy: the simulated cloud is right on a question when
+    a uniform draw seeded by sha256(seed, question) falls below `accuracy` (its documented rule)."""
+    problems = make_task(run.task).problems(run.evaluate.split)[:num_prompts]
+    right = 0
+    for problem in problems:
+        digest = hashlib.sha256(f"{run.cloud.seed}\x00{problem.question}".encode()).digest()
+        right += random.Random(int.from_bytes(digest[:8], "big")).random() < run.cloud.accuracy
+    return right / len(problems)
 
 
 def test_report_from_a_smoke_run(tmp_path):
@@ -23,9 +37,17 @@ def test_report_from_a_smoke_run(tmp_path):
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
         cfg = compose(
             config_name="evaluate",
-            overrides=["experiment=smoke", f"evaluate.methods={methods}", "train.steps=2"],
+            # A 90%-accurate cloud: it gets one of the 16 held-out prompts wrong, so cloud-only accuracy
+            # is what the settings imply, not 1.0 by luck (the default 98% cloud answers all 16 right).
+            overrides=[
+                "experiment=smoke",
+                f"evaluate.methods={methods}",
+                "train.steps=2",
+                "cloud.accuracy=0.9",
+            ],
         )
-    report = evaluate(to_objects(cfg), tmp_path)
+    run = to_objects(cfg)
+    report = evaluate(run, tmp_path)
     text = report.read_text()
     labels = (
         "Device only",
@@ -41,10 +63,13 @@ def test_report_from_a_smoke_run(tmp_path):
         assert label in text
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     methods = results["methods"]
-    assert (
-        methods["cloud_only"]["metrics"]["accuracy"] == 1.0
-    )  # the simulated cloud is 98% accurate; these 16 are right
-    assert methods["cloud_only"]["metrics"]["pgr"] == 1.0 and methods["device_only"]["metrics"]["pgr"] == 0.0
+    context = results["context"]
+    assert context["config"]["cloud"]["accuracy"] == 0.9 and context["num_prompts"] == 16
+    implied = simulated_cloud_accuracy(run, context["num_prompts"])
+    assert implied == 15 / 16
+    cloud_only = methods["cloud_only"]["metrics"]
+    assert cloud_only["accuracy"] == implied and cloud_only["cloud_rate"] == 1.0 == cloud_only["help_rate"]
+    assert cloud_only["pgr"] == 1.0 and methods["device_only"]["metrics"]["pgr"] == 0.0
     cap = int(0.3 * results["context"]["num_prompts"])
     for name in ("random_offload", "oracle_router", "sb3_router", "tianshou_router", "gapg"):
         assert methods[name]["metrics"]["cloud_rate"] * results["context"]["num_prompts"] <= cap

@@ -1,4 +1,5 @@
-"""Every agent trains end to end on the smoke preset; a killed run resumes to identical parameters."""
+"""Every agent trains end to end on the smoke preset and moves its parameters; on a two-answer toy a few
+steps raise the training reward; a killed run resumes to identical parameters."""
 
 from __future__ import annotations
 
@@ -14,10 +15,19 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from agents.algorithm import update
+from agents.batch import Rollout
 from agents.checkpoint import list_checkpoints
-from agents.registry import register_configs, to_objects
+from agents.config import AgentConfig, TrainConfig
+from agents.gapg import GAPGConfig
+from agents.grpo import DrGRPOConfig, GRPOConfig
+from agents.policy import Policy
+from agents.ppo import PPOConfig
+from agents.registry import make_algorithm, register_configs, to_objects
 from agents.trainer import Trainer
+from collab_env.config import BudgetConfig
 from collab_env.errors import ConfigError
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -30,11 +40,32 @@ def smoke_run(overrides: list[str]):
         return to_objects(compose(config_name="train", overrides=["experiment=smoke", *overrides]))
 
 
+def judge_first_token(trainer: Trainer) -> list[float]:
+    """Grade the trainer's completions by their first token (even id: right) instead of the arithmetic
+    answer, which the tiny random device never gets right: a reward that every group splits on, so an
+    algorithm that learns anything must move the parameters. Returns the list the judged rewards go to."""
+    env, judged = trainer.env.unwrapped, []
+    score_many = env.score_many
+
+    def judge(prompt_ids: list[int], completions: list[list[int]]) -> list[tuple[float, dict]]:
+        out = []
+        for (_, info), ids in zip(score_many(prompt_ids, completions), completions, strict=True):
+            right = int(ids[0]) % 2 == 0
+            outcome = "local_correct" if right else "wrong"
+            out.append((float(right), {**info, "local_correct": right, "outcome": outcome}))
+        judged.extend(r for r, _ in out)
+        return out
+
+    env.score_many = judge  # the rollout engine scores through env.unwrapped.score_many
+    return judged
+
+
 @pytest.mark.parametrize("agent", ["gapg", "grpo", "dr_grpo", "ppo"])
 def test_smoke_training_runs_for_each_agent(agent, tmp_path):
     extra = {"gapg": "agent.filtering=false", "ppo": "agent.ent_coef=0.05"}.get(agent, "train.lr=1e-3")
     run = smoke_run([f"agent={agent}", extra])
     trainer = Trainer(run, tmp_path)
+    judged = judge_first_token(trainer)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     metrics = trainer.fit()
     with (tmp_path / "metrics.csv").open() as handle:
@@ -44,9 +75,97 @@ def test_smoke_training_runs_for_each_agent(agent, tmp_path):
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 3 * run.train.log_samples
-    if agent == "ppo":  # PPO trains its value head and entropy even when every reward is zero
-        after = trainer.policy.state_dict()
-        assert any(not torch.equal(before[k], after[k]) for k in before)
+    # The logged training reward is the judged one, and it was not constant: there was a signal ...
+    per_step = run.train.prompts_per_step * run.train.group_size
+    assert len(judged) == 3 * per_step and 0 < sum(judged) < len(judged)
+    for row, step in zip(rows, range(3), strict=True):
+        assert float(row["env/reward"]) == pytest.approx(
+            sum(judged[step * per_step : (step + 1) * per_step]) / per_step
+        )
+    # ... and every step updated the policy: a trainer or an algorithm that does nothing fails here.
+    assert all(float(r["train/updated"]) == 1.0 for r in rows)
+    after = trainer.policy.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2, changed
+
+
+TOY_VOCAB, RIGHT, WRONG = 64, 7, 11
+TOY_PROMPTS = torch.tensor([[3, 4, 5, 6], [9, 8, 7, 6]])
+
+
+class _ToyVocabulary:
+    pad_token_id = 0
+
+    def __len__(self) -> int:
+        return TOY_VOCAB
+
+
+@torch.no_grad()
+def toy_p_right(policy: Policy) -> torch.Tensor:
+    """The toy's expected training reward per prompt: P(right) among the two answers."""
+    return policy.model(input_ids=TOY_PROMPTS).logits[:, -1, [RIGHT, WRONG]].softmax(-1)[:, 0]
+
+
+def train_on_the_toy(agent: AgentConfig, steps: int = 6, group: int = 4) -> list[float]:
+    """GAPG / GRPO / Dr. GRPO / PPO on a two-answer toy: each completion is one token, RIGHT (reward 1,
+    locally correct) or WRONG (reward 0), sampled on-policy between the two; the registry's algorithm
+    and the shared `update` loop learn from it. Returns the expected reward before and after each step."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=TOY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    policy = Policy(LlamaForCausalLM(config).eval(), _ToyVocabulary(), value_head=agent.name == "ppo")
+    algorithm = make_algorithm(
+        agent, TrainConfig(micro_batch_size=8, max_grad_norm=0.0), BudgetConfig(), 0, 1
+    )
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.05)
+    draws = torch.Generator().manual_seed(0)
+    history = [float(toy_p_right(policy).mean())]
+    for step in range(1, steps + 1):
+        right = torch.rand(len(TOY_PROMPTS) * group, generator=draws) < toy_p_right(policy).repeat_interleave(
+            group
+        )
+        ids = torch.cat(
+            [TOY_PROMPTS.repeat_interleave(group, 0), torch.where(right, RIGHT, WRONG)[:, None]], 1
+        )
+        n = len(ids)
+        with torch.no_grad():
+            old = policy(ids, torch.ones_like(ids), 1).logprobs
+        batch = Rollout(
+            prompt_ids=[p for p in range(len(TOY_PROMPTS)) for _ in range(group)],
+            groups=torch.arange(n) // group,
+            group_size=group,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            completion_mask=torch.ones(n, 1),
+            old_logprobs=old,
+            rewards=right.float(),
+            infos=[
+                {"local_correct": bool(r), "cloud_correct": False, "called_help": False, "outcome": "x"}
+                for r in right
+            ],
+        )
+        policy.train()
+        prepared, _ = algorithm.prepare(batch, step, policy, None)
+        if prepared is not None:
+            update(algorithm, policy, optimizer, prepared, torch.Generator().manual_seed(step))
+        policy.eval()
+        history.append(float(toy_p_right(policy).mean()))
+    return history
+
+
+@pytest.mark.parametrize(
+    "agent", [GAPGConfig(), GRPOConfig(), DrGRPOConfig(), PPOConfig()], ids=lambda a: a.name
+)
+def test_a_few_steps_raise_the_training_reward_on_a_two_answer_toy(agent):
+    history = train_on_the_toy(agent)
+    assert history[0] < 0.5 and history[-1] > history[0] + 0.3, history  # 0.43 -> about 0.9 for each
+    assert all(b >= a - 0.02 for a, b in zip(history, history[1:], strict=False)), history
 
 
 def test_bad_override_fails_before_anything_loads():

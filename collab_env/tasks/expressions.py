@@ -99,9 +99,9 @@ def solve_countdown(numbers: list[int], target: int) -> str | None:
                     continue
                 (a, ta), (b, tb) = items[i], items[j]
                 rest = [items[k] for k in range(len(items)) if k not in (i, j)]
-                candidates = [(a + b, f"({ta} + {tb})"), (a - b, f"({ta} - {tb})"), (a * b, f"{ta} * {tb}")]
+                candidates = [(a + b, f"({ta} + {tb})"), (a - b, f"({ta} - {tb})"), (a * b, f"({ta} * {tb})")]
                 if b != 0:
-                    candidates.append((a / b, f"{ta} / {tb}"))
+                    candidates.append((a / b, f"({ta} / {tb})"))
                 for value, text in candidates:
                     found = search([*rest, (value, text)])
                     if found:
