@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from collab_env.config import BudgetConfig, DeviceConfig, EnvConfig, TaskConfig, check_range
+from collab_env.config import SPLITS, BudgetConfig, DeviceConfig, EnvConfig, TaskConfig, check_range
 from collab_env.errors import ConfigError
 
 
@@ -124,8 +124,8 @@ class EvalConfig:
     """Training prompts whose device outcomes label the prompt router."""
 
     def __post_init__(self) -> None:
-        if self.split not in ("train", "test"):
-            raise ConfigError(f"evaluate.split={self.split!r}; use train or test.")
+        if self.split not in SPLITS:
+            raise ConfigError(f"evaluate.split={self.split!r}; use one of: {', '.join(SPLITS)}.")
         if self.num_prompts < 0 or self.max_batch < 1 or self.max_new_tokens < 0:
             raise ConfigError("evaluate.num_prompts and max_new_tokens must be >= 0, max_batch >= 1.")
 

@@ -46,6 +46,7 @@ def evaluate(run: RunConfig, experiment_dir: Path) -> Path:
         "device": ctx.device_config.name,
         "cloud": run.cloud.name,
         "num_prompts": len(ctx.prompt_ids),
+        "split_overlap": ctx.task.overlap(),
         "ratio": run.budget.ratio,
         "share": run.budget.share,
         "wall_time_s": round(time.perf_counter() - started, 1),

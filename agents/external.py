@@ -33,6 +33,7 @@ from agents.runs import ENV_KINDS, make_eval_env, resolve_device
 from collab_env.errors import ConfigError, DependencyNotInstalled, unknown_name
 from collab_env.features import FEATURES
 from collab_env.routing_env import CLOUD_ACTION, DEVICE_ACTION
+from collab_env.tasks import make_task
 
 Act = Callable[[Any, int], int]
 """A policy for evaluation: (observation, prompt id) -> action."""
@@ -117,15 +118,6 @@ class LibraryPPOConfig:
 # --- held-out episodes under the test-time cap ----------------------------------------------------
 
 
-def eval_prompt_ids(env: gym.Env, count: int) -> list[int]:
-    """The first `count` held-out prompts (in the task's order, which interleaves the levels)."""
-    return [p.id for p in env.unwrapped.task.problems("test")][:count]
-
-
-Act = Callable[[Any, int], int]
-"""A policy for evaluation: (observation, prompt id) -> action."""
-
-
 def run_episodes(
     env: gym.Env, act: Act, prompt_ids: list[int], first_observations: list[Any] | None = None
 ) -> tuple[list[float], list[dict[str, Any]]]:
@@ -177,10 +169,11 @@ def evaluate(
     act_for: Callable[[gym.Env], Act],
     env_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """`eval/` metrics of the policy `act_for(eval_env)` on the first `train.eval_prompts` held-out
-    prompts under the test-time cap, plus the `baseline/` routers on the routing env."""
-    env = make_eval_env(run, run.train.eval_prompts, kind, features, env_kwargs)
-    prompt_ids = eval_prompt_ids(env, run.train.eval_prompts)
+    """`eval/` metrics of the policy `act_for(eval_env)` on the first `train.eval_prompts` validation
+    prompts under the test-time cap, plus the `baseline/` routers on the routing env (the test split is
+    kept for `python -m agents.evaluate`)."""
+    prompt_ids = [p.id for p in make_task(run.task).problems("validation")][: run.train.eval_prompts]
+    env = make_eval_env(run, len(prompt_ids), kind, features, env_kwargs, split="validation")
     metrics = episode_metrics(*run_episodes(env, act_for(env), prompt_ids), prefix="eval/")
     if kind == "routing":
         metrics.update(routing_baselines(env, prompt_ids, run.evaluate.seed))

@@ -41,7 +41,7 @@ from collab_env.models import load_tokenizer, tiny_llama_config
 from collab_env.paths import cache_dir, note
 from collab_env.tasks import HELP_MARKER, TEMPLATES
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 """Part of the cache key of built models: bump it when a change here changes what a recipe builds."""
 
 

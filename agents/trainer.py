@@ -26,6 +26,7 @@ from agents.rollout import make_rollout
 from agents.run_log import RunLog
 from agents.runs import check_same_run, config_snapshot, make_env, make_eval_env, resolve_device
 from agents.supervised import format_warmup
+from collab_env.errors import ConfigError
 
 
 class Trainer:
@@ -64,8 +65,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        self.eval_prompts = [p.id for p in self.env.unwrapped.task.problems("test")][: run.train.eval_prompts]
-        self.eval_env = make_eval_env(run, len(self.eval_prompts))
+        # Training evaluates on the validation split: the test split is kept for the final comparison.
+        validation = self.env.unwrapped.task.problems("validation")
+        if not validation:
+            raise ConfigError(
+                f"task {run.task.name!r} has no validation problems to evaluate training on: it needs at "
+                "least two training problems (check task.num_train and the data files)."
+            )
+        self.eval_prompts = [p.id for p in validation][: run.train.eval_prompts]
+        self.eval_env = make_eval_env(run, len(self.eval_prompts), split="validation")
         self.start_step = self._resume()
 
     def _resume(self) -> int:

@@ -19,7 +19,7 @@ BUDGET_MODES = ("none", "train", "cap", "penalty")
 REWARD_VERSIONS = ("v1", "v3")
 MARKER_MATCHES = ("strict", "lenient")
 DTYPES = ("auto", "float32", "bfloat16")
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 
 
 def check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -48,6 +48,9 @@ class TaskConfig:
     """Generated training prompts (generators), spread evenly over the levels."""
     num_test: int = 1000
     """Generated held-out prompts (generators), spread evenly over the levels."""
+    validation_fraction: float = 0.04
+    """Share of the training problems (the last ones) held out as the validation split, on which training
+    runs evaluate while they train; the test split is kept for the final comparison (0.04 of 5,000: 200)."""
     seed: int = 0
     """Seed of the generators and of the train/test split of a single JSONL file."""
     levels: list[str] | None = None
@@ -72,6 +75,11 @@ class TaskConfig:
                 f"task.num_train={self.num_train} and task.num_test={self.num_test} must both be at least 1."
             )
         check_range("task.test_fraction", self.test_fraction, 0.0, 1.0)
+        if not 0 < self.validation_fraction <= 0.5:
+            raise ConfigError(
+                f"task.validation_fraction={self.validation_fraction} must be in (0, 0.5]: training runs "
+                "evaluate on the validation split, which needs at least one problem."
+            )
         if self.max_steps < 1:
             raise ConfigError(f"task.max_steps={self.max_steps} must be at least 1.")
 

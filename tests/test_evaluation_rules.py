@@ -23,9 +23,11 @@ from agents.registry import register_configs, to_objects
 from agents.rollout.hf import HFRollout
 from agents.runs import make_eval_env, resolve_device
 from agents.tradeoff import apgr, paired_bootstrap, route, threshold_curve
+from agents.trainer import Trainer
+from collab_env.config import SPLITS, TaskConfig
 from collab_env.decoding import Generation
 from collab_env.models import load_model, load_tokenizer
-from collab_env.tasks import HELP_MARKER
+from collab_env.tasks import HELP_MARKER, make_task
 
 TINY = {"name": "tiny-random", "dtype": "float32"}
 
@@ -178,3 +180,36 @@ def test_learned_routers_call_where_their_cloud_probability_passes_one_half(tmp_
         probability = fitted.help_probability(observations)
         assert probability.shape == (16,) and ((probability >= 0) & (probability <= 1)).all()
         assert [i["called_help"] for i in infos] == (probability > 0.5).tolist()
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "chain_sum", "basic_arithmetic", "countdown", "gsm_symbolic"])
+def test_generated_splits_share_no_question(name):
+    task = make_task(TaskConfig(name=name, num_train=400, num_test=100))
+    sizes = {split: len(task.problems(split)) for split in SPLITS}
+    # the validation split is the last 4% of the 400 training problems; training loses the twins of
+    # validation questions (arithmetic: a swapped sum), and nothing else
+    assert sizes["validation"] == 16 and sizes["test"] == 100
+    assert (sizes["train"] == 384) if name != "arithmetic" else (384 - 16 <= sizes["train"] <= 384)
+    assert task.overlap() == {"train_validation": 0, "train_test": 0, "validation_test": 0}
+    ids = [p.id for split in SPLITS for p in task.problems(split)]
+    assert sorted(ids) == list(range(len(ids)))
+
+
+def test_a_swapped_sum_is_the_same_question():
+    task = make_task(TaskConfig(num_train=2000, num_test=500))
+    test = task.problems("test")
+    twin = next(p for p in test if p.data["a"] != p.data["b"])
+    assert task.equivalence_key(twin) == (twin.data["op"], *sorted((twin.data["a"], twin.data["b"])))
+    swapped = {(p.data["op"], p.data["b"], p.data["a"]) for p in task.problems("train")}
+    assert not any((p.data["op"], p.data["a"], p.data["b"]) in swapped for p in test)
+
+
+def test_training_evaluates_on_the_validation_split(tmp_path):
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        run = to_objects(compose(config_name="train", overrides=["experiment=smoke", "train.steps=1"]))
+    trainer = Trainer(run, tmp_path)
+    validation = {p.id for p in trainer.env.unwrapped.task.problems("validation")}
+    assert trainer.eval_prompts and set(trainer.eval_prompts) <= validation
+    assert trainer.eval_env.unwrapped.budget.config.window == len(trainer.eval_prompts)
+    assert not validation & set(trainer.prompt_batch(1))

@@ -60,7 +60,8 @@ class EvalContext:
         self.run = dataclasses.replace(run, device=self.device_config)
         self._policies: dict[str, Policy] = {}
         self._cache: dict[str, Any] = {}
-        problems = self.env(budget=BudgetConfig(mode="none")).unwrapped.task.problems(run.evaluate.split)
+        self.task = self.env(budget=BudgetConfig(mode="none")).unwrapped.task
+        problems = self.task.problems(run.evaluate.split)
         limit = run.evaluate.num_prompts or len(problems)
         self.prompt_ids = [p.id for p in problems[:limit]]
 

@@ -25,7 +25,7 @@ from agents.baselines.trained import trained_policy
 from agents.external import Fit, run_episodes
 from agents.runs import make_eval_env, no_cloud
 from agents.tradeoff import route, threshold_curve
-from collab_env.config import BudgetConfig
+from collab_env.config import SPLITS
 from collab_env.features import minilm_features
 
 
@@ -121,7 +121,7 @@ def calibrated_threshold(scores: np.ndarray, share: float) -> float:
 
 def prompt_router(ctx: EvalContext) -> MethodResult:
     """Task-tuning + a learned prompt router (classifier on question embeddings, threshold at the budget)."""
-    task = ctx.env(budget=BudgetConfig(mode="none")).unwrapped.task
+    task = ctx.task
     train_ids = [p.id for p in task.problems("train")[: ctx.run.evaluate.router_prompts]]
     train_local = tuned_local(ctx, "train", train_ids)
     labels = np.array([not i["local_correct"] for i in train_local], dtype=np.float32)
@@ -145,12 +145,12 @@ def prompt_router(ctx: EvalContext) -> MethodResult:
 
 
 def routing_device_answers(ctx: EvalContext) -> dict[int, str]:
-    """The task-tuned device's answer to every prompt of both splits, as `DeviceCloudRouting-v0`'s
+    """The task-tuned device's answer to every prompt of every split, as `DeviceCloudRouting-v0`'s
     `device_answers`: each a short completion stating the answer in the template's format (the routing
     env grades the answer only, so this scores exactly as the device's own completion did)."""
-    task = ctx.env(budget=BudgetConfig(mode="none")).unwrapped.task
+    task = ctx.task
     answers = {}
-    for split in ("train", "test"):
+    for split in SPLITS:
         ids = [p.id for p in task.problems(split)]
         for info in tuned_local(ctx, split, ids):
             answer = info["local_answer"]

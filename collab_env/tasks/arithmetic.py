@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 from collab_env.errors import unknown_name
-from collab_env.tasks.base import RawProblem, Task
+from collab_env.tasks.base import Problem, RawProblem, Task
 
 
 def _no_carry(a: int, b: int) -> bool:
@@ -82,9 +83,14 @@ def make_problem(a: int, op: str, b: int, level: str) -> RawProblem:
 
 
 class ArithmeticTask(Task):
-    """Integer sums and products in five levels; held-out prompts never appear in training."""
+    """Integer sums and products in five levels; held-out prompts never appear in training, nor do
+    their swapped twins (`b + a` for `a + b`): `overlap()` counts them as the same question."""
 
     name = "arithmetic"
+
+    def equivalence_key(self, problem: Problem) -> Any:
+        a, op, b = problem.data["a"], problem.data["op"], problem.data["b"]
+        return (op, min(a, b), max(a, b))
 
     def _generate(self) -> tuple[list[RawProblem], list[RawProblem]]:
         levels = self.config.levels or list(LEVELS)
@@ -97,15 +103,22 @@ class ArithmeticTask(Task):
         train_by_level, test_by_level = [], []
         for level, n_train, n_test in zip(levels, train_per_level, test_per_level, strict=True):
             # Test prompts are drawn first so a level with few distinct prompts keeps a full test split.
+            # `a + b` and `b + a` are one question: training never holds a test question's swapped twin
+            # (both orders of a training question may train).
             seen: set[tuple[int, str, int]] = set()
+            held_out: set[tuple[str, int, int]] = set()
             drawn: list[RawProblem] = []
             attempts = 0
             while len(drawn) < n_train + n_test and attempts < 50 * (n_train + n_test):
                 attempts += 1
-                triple = LEVELS[level](rng)
-                if triple not in seen:
-                    seen.add(triple)
-                    drawn.append(make_problem(*triple, level))
+                a, op, b = LEVELS[level](rng)
+                twin = (op, min(a, b), max(a, b))
+                if (a, op, b) in seen or twin in held_out:
+                    continue
+                seen.add((a, op, b))
+                if len(drawn) < n_test:
+                    held_out.add(twin)
+                drawn.append(make_problem(a, op, b, level))
             test_by_level.append(drawn[:n_test])
             train_by_level.append(drawn[n_test:])
         return _interleave(train_by_level), _interleave(test_by_level)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from collab_env.config import TaskConfig
+from collab_env.config import SPLITS, TaskConfig
 from collab_env.errors import ConfigError, DatasetError, DatasetWarning
 from collab_env.tasks.templates import TEMPLATES, Template
 
@@ -59,8 +59,10 @@ def parse_number(text: str | None) -> Fraction | None:
 class Task(ABC):
     """A source of problems plus the rule that grades an answer.
 
-    Subclasses implement `_generate` (both splits) and may override `verify` and `wrong_answer`.
-    Prompt ids are unique across splits: train ids come first, then test ids.
+    Subclasses implement `_generate` (training and test problems) and may override `verify`,
+    `wrong_answer` and `equivalence_key`. The last `validation_fraction` of the training problems
+    become the validation split. Prompt ids are unique across splits: train ids come first, then test
+    ids, then validation ids.
 
     A problem whose ground truth fails the task's own check (`ground_truth_ok`: by default the
     verifier applied to the ground truth itself) is skipped: every answer to it would be graded
@@ -81,19 +83,27 @@ class Task(ABC):
                 f"task {config.name!r} produced {len(train)} training and {len(test)} test problems{skipped}; "
                 "both splits need at least one (check task.num_train, task.num_test and the data files)."
             )
+        # At least one validation problem, and at least one left to train on (none from one problem);
+        # no training problem is the same question as a validation one (`equivalence_key`).
+        held_out = min(max(1, round(config.validation_fraction * len(train))), len(train) - 1)
+        train, validation = train[: len(train) - held_out], train[len(train) - held_out :]
+        validation_keys = {self.equivalence_key(self._unnumbered(row)) for row in validation}
+        train = [row for row in train if self.equivalence_key(self._unnumbered(row)) not in validation_keys]
         self._problems: list[Problem] = []
-        for split, rows in (("train", train), ("test", test)):
+        for split, rows in (("train", train), ("test", test), ("validation", validation)):
             for row in rows:
                 self._problems.append(
                     Problem(len(self._problems), split, row.question, row.answer, row.level, row.data)
                 )
-        self._by_split = {
-            split: [p for p in self._problems if p.split == split] for split in ("train", "test")
-        }
+        self._by_split = {split: [p for p in self._problems if p.split == split] for split in SPLITS}
 
     @abstractmethod
     def _generate(self) -> tuple[list[RawProblem], list[RawProblem]]:
         """The training and test problems, deterministic for the config's seed."""
+
+    @staticmethod
+    def _unnumbered(row: RawProblem, split: str = "") -> Problem:
+        return Problem(-1, split, row.question, row.answer, row.level, row.data)
 
     def ground_truth_ok(self, problem: Problem) -> bool:
         """Whether `problem.answer` can be graded: here, the verifier accepts it as its own answer."""
@@ -118,8 +128,22 @@ class Task(ABC):
 
     def problems(self, split: str) -> list[Problem]:
         if split not in self._by_split:
-            raise ConfigError(f"unknown split {split!r}; use 'train' or 'test'.")
+            raise ConfigError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}.")
         return self._by_split[split]
+
+    def equivalence_key(self, problem: Problem) -> Any:
+        """What makes two problems the same question (here: the question text, whitespace and case
+        aside); tasks whose questions have equivalent forms (a + b and b + a) say so."""
+        return " ".join(problem.question.split()).lower()
+
+    def overlap(self) -> dict[str, int]:
+        """Problems of one split that are the same question (`equivalence_key`) as one of another split,
+        for each pair of splits; all 0 for the generated tasks."""
+        keys = {
+            split: {self.equivalence_key(p) for p in problems} for split, problems in self._by_split.items()
+        }
+        pairs = (("train", "validation"), ("train", "test"), ("validation", "test"))
+        return {f"{a}_{b}": len(keys[a] & keys[b]) for a, b in pairs}
 
     def problem(self, prompt_id: int) -> Problem:
         """The problem with this id; anything but an integer id of this task is a ConfigError.
@@ -133,7 +157,8 @@ class Task(ABC):
         if not 0 <= index < len(self._problems):
             raise ConfigError(
                 f"prompt_id={reprlib.repr(prompt_id)} does not exist: task {self.name!r} has integer ids "
-                f"0..{len(self._problems) - 1} (train 0..{len(self._by_split['train']) - 1}, then test)."
+                f"0..{len(self._problems) - 1} (train 0..{len(self._by_split['train']) - 1}, then test, then "
+                "validation)."
             )
         return self._problems[index]
 
