@@ -20,9 +20,17 @@ def plot_pareto(out_dir: Path, results: list[MethodResult], table: dict[str, dic
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in results:
+    colors = plt.get_cmap("tab20").colors  # one color per method (the default cycle repeats after 10)
+    for index, r in enumerate(results):
         m = table[r.name]
-        (point,) = ax.plot(100 * m["cloud_rate"], 100 * m["accuracy"], "o", markersize=8, label=r.label)
+        (point,) = ax.plot(
+            100 * m["cloud_rate"],
+            100 * m["accuracy"],
+            "o",
+            markersize=8,
+            label=r.label,
+            color=colors[index % 20],
+        )
         start = [] if r.alone_accuracy is None else [(0.0, r.alone_accuracy)]
         if r.curve:
             xs, ys = zip(*sorted([*start, *r.curve]), strict=True)
