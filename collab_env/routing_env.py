@@ -1,17 +1,17 @@
 """`DeviceCloudRouting-v0`: one routing decision per prompt, on the device's cached answers.
 
-The device model answers every prompt once (batched, greedy, with the token-level env's stop
-rules) and the answers are cached on disk; so are the prompt features. A step then only grades a
-cached answer or asks the (cached) cloud, which makes this the cheap place for Stable-Baselines3,
-Tianshou and prompt-router baselines, on the same tasks, verifiers, cloud, budget and reward as
-`DeviceCloud-v0`.
+The device model answers each prompt once (greedy, with the token-level env's stop rules), the
+first time the prompt is drawn, in a batch with the prompts the seeded draw picks next; answers and
+prompt features are cached on disk per prompt. A step then only grades a cached answer or asks the
+(cached) cloud, which makes this the cheap place for Stable-Baselines3, Tianshou and prompt-router
+baselines, on the same tasks, verifiers, cloud, budget and reward as `DeviceCloud-v0`.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import reprlib
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from gymnasium import spaces
 
 from collab_env import paths
 from collab_env.budget import CloudBudget
-from collab_env.config import EnvConfig
+from collab_env.config import DeviceConfig, EnvConfig, coerce
 from collab_env.core import (
     RESET_OPTIONS,
     EnvCore,
@@ -34,42 +34,29 @@ from collab_env.errors import ConfigError, IllegalActionError, unknown_name
 from collab_env.features import (
     FEATURE_BOUNDS,
     FEATURES,
+    MINILM_DIM,
+    NGRAM_DIM,
+    DeviceAnswers,
+    PromptStore,
     device_answers_key,
     device_features,
     digest,
     features_key,
+    given_completions,
     greedy_completions,
     minilm_features,
     ngram_features,
+    open_cache,
+    prefetch_batch,
+    scripted_device,
 )
-from collab_env.markers import STOP_HELP
-from collab_env.models import load_model
-from collab_env.tasks import TEMPLATES, Problem, Task, parse_number
+from collab_env.markers import STOP_HELP, CompletionState
+from collab_env.models import load_model, smollm2_model_dir
+from collab_env.tasks import Problem, Task
 
 DEVICE_ACTION, CLOUD_ACTION = 0, 1
 """The routing env's actions: answer on the device, or send the question to the cloud."""
-
-DeviceAnswers = Mapping[int, str | Sequence[int]] | Callable[[Problem], str | Sequence[int]]
-"""Precomputed device completions: prompt id -> text or token ids, or a function of the Problem."""
-
-
-def scripted_device(
-    correct_levels: Collection[str], template: str = "answer_tags"
-) -> Callable[[Problem], str]:
-    """`device_answers` of a device with a known spread of competence, for experiments without an LM:
-    the right answer on prompts of `correct_levels`, the truth plus one elsewhere, in `template`'s format."""
-    if template not in TEMPLATES:
-        raise unknown_name("template", template, TEMPLATES, field="template")
-    render = TEMPLATES[template].render_answer
-    levels = set(correct_levels)
-
-    def answer(problem: Problem) -> str:
-        if problem.level in levels:
-            return render(problem.answer)
-        truth = parse_number(problem.answer)
-        return render(str(truth + 1) if truth is not None else "none")
-
-    return answer
+__all__ = ["CLOUD_ACTION", "DEVICE_ACTION", "DeviceAnswers", "DeviceCloudRoutingEnv", "scripted_device"]
 
 
 class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
@@ -78,11 +65,11 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     ## Description
     One episode is one prompt of a task (arithmetic by default). The agent is a router: it sees
     features of the prompt and the state of the cloud budget, and decides once whether the device
-    model's answer is used or the question goes to the cloud. The device's answer to every prompt
-    is generated once (greedy, batched, with `DeviceCloud-v0`'s stop rules) and cached on disk, so
-    a step costs no model call. Tasks, verifiers, cloud oracles (cached), budget and reward are
-    those of `DeviceCloud-v0`; a prompt router cannot see difficulty that only shows in the
-    device's attempt (e.g. `add2` vs `add2_carry`), which is what separates it from `DeviceCloud-v0`.
+    model's answer is used or the question goes to the cloud. The device's answer to a prompt is
+    generated once (greedy, with `DeviceCloud-v0`'s stop rules) when the prompt is first drawn and
+    cached on disk, so a step costs no model call. Tasks, verifiers, cloud oracles (cached), budget
+    and reward are those of `DeviceCloud-v0`; a prompt router cannot see difficulty that only shows
+    in the device's attempt (e.g. `add2` vs `add2_carry`): that separates it from `DeviceCloud-v0`.
 
     ## Action Space
     `Discrete(2)`: 0 answer on the device (its cached completion is graded), 1 call the cloud
@@ -142,17 +129,33 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     | `device_answers`    | mapping or callable     | None           | precomputed completions           |
     | `cache_dir`         | str or None             | None           | answer and feature caches         |
     | `batch_size`        | int                     | 32             | prompts per generation batch      |
+    | `prefetch`          | int                     | 16             | prompts made ready per cache miss |
     | `render_mode`       | str or None             | None           | "ansi": prompt, answer, outcome   |
 
     `device_answers` maps each prompt id (both splits) to a completion, as text or token ids, or is a
     function of the `Problem` (see `scripted_device`); None generates the answers with the device
     model. `cache_dir` None means `<user cache>/routing`.
 
+    ## What the first calls cost
+    Answers and features (`minilm`, `device`) are made lazily: when `reset()` draws a prompt that is
+    not ready, the device answers it together with up to `prefetch - 1` others, first the prompts the
+    env's RNG will draw next (read from a copy of it), then the following prompts of its split; their
+    features are computed in the same batch, and both are added to the disk cache. `gym.make` loads
+    the device model only when nothing of this configuration is cached yet (a missing model then fails
+    at once) and otherwise when a prompt first needs it; it is dropped once every prompt is ready.
+    `precompute()` does the full pass up front. `features="ngrams"` needs no model and is computed at
+    once. On a 2-core CPU with an empty cache (`DEVICECLOUD_CACHE` a fresh directory), the first
+    `gym.make("DeviceCloudRouting-v0")` with no arguments, `reset()` and 10 steps cost ~50 s on an
+    idle machine (~27 s converting the embedded SmolLM2 once, ~15 s for its first 16 answers of 64
+    tokens, ~8 s imports, task and MiniLM), 2.5-4.5 min when other jobs share the two cores; ~5 s
+    once cached. Each later batch of 16 uncached prompts costs ~15 s of SmolLM2 on an idle 2-core CPU.
+
     The device's answers are cached by the device model's identity (settings, and file sizes and
     times of a model directory), the task's settings (template included), `max_new_tokens` and
     `marker_match`; features by kind, task and (for `device`) model. `env.unwrapped` exposes
     `task`, `cloud`, `tokenizer`, `budget`, `device_completion(prompt_id)` and
-    `device_correct(prompt_id)` (what an oracle router needs).
+    `device_correct(prompt_id)` (what an oracle router needs; they answer the prompt if needed) and
+    `precompute(split=None)`.
 
     ## Version History
     - v0: first version.
@@ -175,36 +178,47 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
         device_answers: DeviceAnswers | None = None,
         cache_dir: str | None = None,
         batch_size: int = 32,
+        prefetch: int = 16,
         render_mode: str | None = None,
     ) -> None:
         check_render_mode(render_mode, self.metadata["render_modes"])
         if features not in FEATURES:
             raise unknown_name("feature kind", features, FEATURES, field="features")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size} must be at least 1.")
+        for name, value in (("batch_size", batch_size), ("prefetch", prefetch)):
+            if value < 1:
+                raise ConfigError(f"{name}={value} must be at least 1.")
+        device = coerce(DeviceConfig, device, "device")
+        if device_answers is None and device.name == "smollm2" and not device.path:
+            # The converted model directory holds the tokenizer as well: converting it before the env
+            # loads its tokenizer spares the separate tokenizer extraction (~12 s on an empty cache).
+            smollm2_model_dir()
         self._core = EnvCore(
             task, device, cloud, budget, reward, max_new_tokens, max_prompt_tokens, marker_match, split
         )
         self.render_mode = render_mode
         self.features = features
         self.batch_size = batch_size
+        self.prefetch = prefetch
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else paths.cache_dir() / "routing"
         self.budget = CloudBudget(self._core.budget_config)
         self._model: Any = None
+        self._noted = False
         task_ = self._core.task
         self._problems = [task_.problem(i) for i in range(len(task_))]
-        completions = (
-            self._given_completions(device_answers)
-            if device_answers is not None
-            else self._generated_completions()
-        )
-        scorer, limit = self._core.scorer, self._core.config.max_new_tokens
-        self._runs = [scorer.run(ids, self._core.help_action, limit) for ids in completions]
+        self._runs: dict[int, tuple[CompletionState, str | None]] = {}
+        self._rows: dict[int, np.ndarray] = {}
+        self._answer_store: PromptStore | None = None
+        self._feature_store: PromptStore | None = None
+        if device_answers is not None:
+            encode = self._core.tokenizer.encode
+            self._add_runs(dict(enumerate(given_completions(device_answers, self._problems, encode))))
+        else:
+            self._answer_store = self._open_answers()
+        self._open_features()
+        if (self._answer_store is not None and not self._runs) or (features == "device" and not self._rows):
+            self._device_model()  # nothing cached yet: the model is needed, and a missing one fails here
+        dim = {"minilm": MINILM_DIM, "ngrams": NGRAM_DIM}.get(features) or self._device_feature_dim()
         low, high = FEATURE_BOUNDS[features]
-        # Clipping only absorbs float32 rounding of unit-norm vectors at the bounds.
-        self._features = np.clip(self._prompt_features(), low, high)
-        self._model = None  # the device model is only needed to fill the caches
-        dim = self._features.shape[1]
         self.observation_space = spaces.Box(
             low=np.concatenate([np.full(dim, low), np.zeros(2)]).astype(np.float32),
             high=np.concatenate([np.full(dim, high), np.ones(2)]).astype(np.float32),
@@ -228,15 +242,18 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
 
     @property
     def feature_dim(self) -> int:
-        return int(self._features.shape[1])
+        return int(self.observation_space.shape[0]) - 2
 
     def device_completion(self, prompt_id: int) -> list[int]:
-        """The device's cached completion (token ids up to its stop) of a prompt."""
-        return list(self._runs[self.task.problem(prompt_id).id][0].ids)
+        """The device's cached completion (token ids up to its stop) of a prompt (answered now if needed)."""
+        problem = self.task.problem(prompt_id)
+        self._make_ready(problem)
+        return list(self._runs[problem.id][0].ids)
 
     def device_correct(self, prompt_id: int) -> bool:
         """Whether the device's cached answer to a prompt is correct (what an oracle router knows)."""
         problem = self.task.problem(prompt_id)
+        self._make_ready(problem)
         text = self.tokenizer.decode(self._runs[problem.id][0].ids, skip_special_tokens=True)
         return self.task.verify(problem, self.task.extract_answer(text))
 
@@ -245,6 +262,14 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
 
         The budget's own admission rule decides; nothing is counted."""
         return np.array([True, self.budget.would_admit()], dtype=bool)
+
+    def precompute(self, split: str | None = None) -> None:
+        """Answer and featurize every prompt of `split` (None: both) now, `batch_size` at a time,
+        instead of as they are drawn; what is cached already is not computed again."""
+        problems = self._problems if split is None else self.task.problems(split)
+        todo = [p for p in problems if not self._ready(p)]
+        for first in range(0, len(todo), self.batch_size):
+            self._fill(todo[first : first + self.batch_size])
 
     def _device_model(self) -> Any:
         if self._model is None:
@@ -255,70 +280,89 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
             )
         return self._model
 
-    def _given_completions(self, answers: DeviceAnswers) -> list[list[int]]:
-        encode = self._core.tokenizer.encode
-        completions, missing = [], []
-        for problem in self._problems:
-            if callable(answers):
-                value = answers(problem)
-            elif problem.id in answers:
-                value = answers[problem.id]
-            else:
-                missing.append(problem.id)
-                continue
-            ids = encode(value, add_special_tokens=False) if isinstance(value, str) else value
-            completions.append([int(t) for t in ids])
-        if missing:
-            raise ConfigError(
-                f"device_answers has no completion for {len(missing)} prompt id(s) (first: {missing[:5]}); "
-                f"give one for every prompt of both splits (ids 0..{len(self._problems) - 1}) or pass a "
-                "function of the Problem."
-            )
-        return completions
-
-    def _generated_completions(self) -> list[list[int]]:
+    def _open_answers(self) -> PromptStore:
         core = self._core
         key = device_answers_key(
             core.device_config, core.task, core.config.max_new_tokens, core.config.marker_match
         )
-        path = self.cache_dir / f"device-answers-{digest(key)}.json"
-        if path.is_file():
-            return json.loads(path.read_text())["completions"]
-        paths.note(
-            f"generating the device's greedy answers to {len(self._problems)} prompts (once; cache: {path})"
-        )
-        completions = greedy_completions(
-            self._device_model(),
-            [core.prompt_ids(p) for p in self._problems],
-            core.detector.start,
-            core.config.max_new_tokens,
-            core.pad_id,
-            core.vocab_size,
-            self.batch_size,
-        )
-        paths.write_atomic(
-            path, lambda tmp: tmp.write_text(json.dumps({"key": key, "completions": completions}))
-        )
-        return completions
+        store, rows = open_cache(self.cache_dir, f"device-answers-{digest(key)}", key, "int32")
+        self._add_runs(rows)
+        return store
 
-    def _prompt_features(self) -> np.ndarray:
-        questions = [p.question for p in self._problems]
+    def _open_features(self) -> None:
         if self.features == "ngrams":
-            return ngram_features(questions)
+            self._add_rows(dict(enumerate(ngram_features([p.question for p in self._problems]))))
+            return
         key = features_key(self.features, self._core.task, self._core.device_config)
-        path = self.cache_dir / f"features-{self.features}-{digest(key)}.npy"
-        if path.is_file():
-            return np.load(path)
-        if self.features == "device":
-            prompts = [self._core.prompt_ids(p) for p in self._problems]
-            values = device_features(self._device_model(), prompts, self._core.pad_id, self.batch_size)
-        else:
-            values = minilm_features(questions, self.batch_size)
-        paths.write_atomic(path, lambda tmp: np.save(tmp, values))
-        return values
+        name = f"features-{self.features}-{digest(key)}"
+        self._feature_store, rows = open_cache(self.cache_dir, name, key, "float32")
+        self._add_rows(rows)
+
+    def _device_feature_dim(self) -> int:
+        if not self._rows:
+            self._fill([self._problems[0]])  # the hidden size, from one prompt's features
+        return len(next(iter(self._rows.values())))
+
+    def _add_runs(self, completions: Mapping[int, Any]) -> None:
+        core = self._core
+        for prompt_id, ids in completions.items():
+            if 0 <= prompt_id < len(self._problems):
+                ids = np.asarray(ids, dtype=np.int64).tolist()
+                self._runs[prompt_id] = core.scorer.run(ids, core.help_action, core.config.max_new_tokens)
+
+    def _add_rows(self, rows: Mapping[int, np.ndarray]) -> None:
+        low, high = FEATURE_BOUNDS[self.features]
+        for prompt_id, row in rows.items():
+            if 0 <= prompt_id < len(self._problems):
+                # Clipping only absorbs float32 rounding of unit-norm vectors at the bounds.
+                self._rows[prompt_id] = np.clip(np.asarray(row, dtype=np.float32), low, high)
+
+    def _ready(self, problem: Problem) -> bool:
+        return problem.id in self._runs and problem.id in self._rows
+
+    def _make_ready(self, problem: Problem, upcoming: Iterable[Problem] = ()) -> None:
+        """Answer and featurize `problem` if it is not ready, with up to `prefetch - 1` other prompts that
+        are not: first `upcoming` (the prompts reset() draws next), then those after it in its split."""
+        if not self._ready(problem):
+            split = self.task.problems(problem.split)
+            self._fill(prefetch_batch(problem, split, upcoming, self._ready, self.prefetch))
+
+    def _fill(self, problems: list[Problem]) -> None:
+        core = self._core
+        unanswered = [p for p in problems if p.id not in self._runs]
+        if unanswered:  # never with given device answers, which cover every prompt
+            assert self._answer_store is not None
+            if not self._noted:
+                self._noted = True
+                paths.note(f"answering prompts as they are first drawn (cache: {self._answer_store.path})")
+            completions = greedy_completions(
+                self._device_model(),
+                [core.prompt_ids(p) for p in unanswered],
+                core.detector.start,
+                core.config.max_new_tokens,
+                core.pad_id,
+                core.vocab_size,
+                self.batch_size,
+            )
+            answers = {p.id: c for p, c in zip(unanswered, completions, strict=True)}
+            self._answer_store.add(answers)
+            self._add_runs(answers)
+        featureless = [p for p in problems if p.id not in self._rows]
+        if featureless:  # never with ngrams, which are computed at once
+            assert self._feature_store is not None
+            if self.features == "device":
+                prompts = [core.prompt_ids(p) for p in featureless]
+                values = device_features(self._device_model(), prompts, core.pad_id, self.batch_size)
+            else:
+                values = minilm_features([p.question for p in featureless], self.batch_size)
+            rows = {p.id: v for p, v in zip(featureless, values, strict=True)}
+            self._feature_store.add(rows)
+            self._add_rows(rows)
+        if len(self._runs) == len(self._rows) == len(self._problems):
+            self._model = None  # every prompt is ready: the device model is no longer needed
 
     def _obs(self, problem: Problem) -> np.ndarray:
-        return np.concatenate([self._features[problem.id], self.budget.observation()]).astype(np.float32)
+        return np.concatenate([self._rows[problem.id], self.budget.observation()]).astype(np.float32)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -331,8 +375,14 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
         super().reset(seed=seed)
         if seed is not None or options.get("reset_budget"):
             self.budget.reset_window()
+        upcoming: list[Problem] = []
         if problem is None:
-            problem = self._core.pick(self.np_random, options.get("split", self._core.config.split))
+            split = options.get("split", self._core.config.split)
+            problem = self._core.pick(self.np_random, split)
+            if not self._ready(problem):  # what the next resets will draw, read from a copy of the RNG
+                rng = copy.deepcopy(self.np_random)
+                upcoming = [self._core.pick(rng, split) for _ in range(self.prefetch)]
+        self._make_ready(problem, upcoming)
         self._problem, self._last = problem, None
         return self._obs(problem), {"prompt_id": problem.id, "level": problem.level}
 

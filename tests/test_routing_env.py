@@ -216,3 +216,82 @@ def test_cache_key_changes_with_the_questions_even_when_the_file_stamp_does_not(
     assert write(range(10, 20)) == first
     second = write(range(30, 40))  # same lengths, other questions
     assert second["files"] == first["files"] and second != first
+
+
+def test_answers_are_generated_lazily_for_the_prompts_the_seeded_draw_picks(
+    make_routing, tmp_path, monkeypatch
+):
+    """A reset that draws an unanswered prompt answers it together with the next prompts the env's RNG
+    will draw (`prefetch` in all), so the following resets need no model call; what is generated goes to
+    the disk cache per prompt and equals a full pass."""
+    task = {"name": "arithmetic", "num_train": 40, "num_test": 10}
+    calls = []
+
+    def counting(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return greedy_completions(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(routing, "greedy_completions", counting)
+    kwargs = {"task": task, "device": TINY_DEVICE, "max_new_tokens": 4, "prefetch": 5}
+    env = make_routing(**kwargs).unwrapped
+    assert calls == []  # making the env loads the model but answers nothing
+    drawn = [env.reset(seed=3)[1]["prompt_id"]]
+    assert calls == [5]
+    for _ in range(4):
+        env.step(DEVICE_ACTION)
+        drawn.append(env.reset()[1]["prompt_id"])
+    assert calls == [5]  # the next four draws were answered in the first batch
+    assert len(env._runs) == 5 and set(drawn) <= set(env._runs)
+    for _ in range(20):  # later draws: a model call exactly when a drawn prompt is not answered yet
+        env.step(DEVICE_ACTION)
+        answered, before = set(env._runs), len(calls)
+        prompt_id = env.reset()[1]["prompt_id"]
+        assert len(calls) == before + (prompt_id not in answered)
+    assert len(calls) > 1 and all(n == 5 for n in calls)
+
+    monkeypatch.setattr(routing, "greedy_completions", lambda *a, **k: pytest.fail("answers regenerated"))
+    monkeypatch.setattr(routing, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    again = make_routing(**kwargs).unwrapped
+    cached = sorted(again._runs)
+    assert len(cached) == 5 * len(calls)
+    lazy = {i: again.device_completion(i) for i in cached}
+    monkeypatch.undo()
+    full = make_routing(**kwargs, cache_dir=str(tmp_path / "full")).unwrapped  # a full pass from scratch
+    full.precompute()
+    assert full._model is None and len(full._runs) == len(full._problems)
+    assert lazy == {i: full.device_completion(i) for i in cached}
+
+
+def test_minilm_features_are_computed_for_the_drawn_prompts_only(make_routing, monkeypatch):
+    computed = []
+
+    def counting(texts, *args, **kwargs):
+        computed.append(len(texts))
+        return routing_minilm(texts, *args, **kwargs)
+
+    routing_minilm = routing.minilm_features
+    monkeypatch.setattr(routing, "minilm_features", counting)
+    env = make_routing(features="minilm", prefetch=8).unwrapped  # SMALL_TASK: 100 prompts
+    obs, info = env.reset(seed=0)
+    assert computed == [8] and obs.shape == (384 + 2,)
+    env.reset(options={"prompt_id": info["prompt_id"]})
+    assert computed == [8]
+
+
+def test_a_full_cache_written_by_earlier_versions_is_read(make_routing, tmp_path, monkeypatch):
+    from collab_env.features import device_answers_key, digest
+
+    task = {"name": "arithmetic", "num_train": 6, "num_test": 4}
+    first = make_routing(task=task, device=TINY_DEVICE, max_new_tokens=3, features="ngrams").unwrapped
+    first.precompute()
+    completions = [first.device_completion(i) for i in range(10)]
+    core = first._core
+    key = device_answers_key(core.device_config, core.task, 3, core.config.marker_match)
+    legacy = tmp_path / "old" / f"device-answers-{digest(key)}.json"
+    legacy.parent.mkdir()
+    legacy.write_text(json.dumps({"key": key, "completions": completions}))
+    monkeypatch.setattr(routing, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    old = make_routing(
+        task=task, device=TINY_DEVICE, max_new_tokens=3, features="ngrams", cache_dir=str(legacy.parent)
+    )
+    assert [old.unwrapped.device_completion(i) for i in range(10)] == completions
