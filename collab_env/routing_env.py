@@ -254,7 +254,11 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
         """Whether the device's cached answer to a prompt is correct (what an oracle router knows)."""
         problem = self.task.problem(prompt_id)
         self._make_ready(problem)
-        text = self.tokenizer.decode(self._runs[problem.id][0].ids, skip_special_tokens=True)
+        state = self._runs[problem.id][0]
+        text = self.tokenizer.decode(state.ids, skip_special_tokens=True)
+        # As in scoring: a completion that calls for help gives up its own answer.
+        if state.called_help or self._core.detector.untagged_call(text):
+            return False
         return self.task.verify(problem, self.task.extract_answer(text))
 
     def action_masks(self) -> np.ndarray:

@@ -127,6 +127,19 @@ def test_a_call_for_help_written_by_the_device_is_ignored_on_device_action(make_
     assert info["outcome"] == "wrong" and info["local_answer"] is None
 
 
+def test_the_oracle_knows_a_device_that_writes_an_answer_then_calls_is_not_right(make_routing):
+    """numbered_steps has no answer stop: a boxed right answer followed by the marker is a call, and a
+    call gives up the device's own answer (the env's info says so; device_correct must agree)."""
+    env = make_routing(
+        task={"name": "arithmetic", "num_train": 40, "num_test": 10, "template": "numbered_steps"},
+        device_answers=lambda problem: f"Step 1: \\boxed{{{problem.answer}}} {HELP_MARKER}",
+        budget={"mode": "none"},
+    ).unwrapped
+    env.reset(seed=0, options={"prompt_id": 0})
+    _, _, _, _, info = env.step(DEVICE_ACTION)
+    assert not info["local_correct"] and not env.device_correct(0)
+
+
 def test_rejects_illegal_actions_and_steps_after_the_end(make_routing):
     env = make_routing().unwrapped
     env.reset(seed=0)
