@@ -153,9 +153,8 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     The device's answers are cached by the device model's identity (settings, and file sizes and
     times of a model directory), the task's settings (template included), `max_new_tokens` and
     `marker_match`; features by kind, task and (for `device`) model. `env.unwrapped` exposes
-    `task`, `cloud`, `tokenizer`, `budget`, `device_completion(prompt_id)` and
-    `device_correct(prompt_id)` (what an oracle router needs; they answer the prompt if needed) and
-    `precompute(split=None)`.
+    `task`, `cloud`, `tokenizer`, `budget`, `device_completion(prompt_id)`, `device_correct(prompt_id)`
+    (what an oracle router needs; they answer the prompt if needed) and `precompute(split=None)`.
 
     ## Version History
     - v0: first version.
@@ -256,10 +255,8 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
         self._make_ready(problem)
         state = self._runs[problem.id][0]
         text = self.tokenizer.decode(state.ids, skip_special_tokens=True)
-        # As in scoring: a completion that calls for help gives up its own answer.
-        if state.called_help or self._core.detector.untagged_call(text):
-            return False
-        return self.task.verify(problem, self.task.extract_answer(text))
+        gave_up = state.called_help or self._core.detector.untagged_call(text)  # as in scoring.py
+        return not gave_up and self.task.verify(problem, self.task.extract_answer(text))
 
     def action_masks(self) -> np.ndarray:
         """[device, cloud] admissible now: the cloud is masked when the cap would refuse the call.
