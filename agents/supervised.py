@@ -85,20 +85,41 @@ class SupervisedData:
     once per batch, so a row holds only the question, the prompt's end and the completion.
     """
 
-    def __init__(self, env: gym.Env, problems: list[Problem], marker_fraction: float) -> None:
+    def __init__(
+        self, env: gym.Env, problems: list[Problem], marker_fraction: float, trace: bool = False
+    ) -> None:
         unwrapped = env.unwrapped
         tokenizer = unwrapped.tokenizer
-        template = unwrapped.task.template
+        task = unwrapped.task
+        template = task.template
         prompts = [unwrapped.prompt_tokens(p.id).tolist() for p in problems]
         shared = _common_prefix_len(prompts)
         self.prefix = prompts[0][:shared]
         self.tails = [prompt[shared:] for prompt in prompts]
         eos = [int(tokenizer.eos_token_id)]
-        encode = tokenizer.encode
+
+        def encode(text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False) + eos
+
+        steps = [task.worked_steps(p) if trace else [] for p in problems]
+        if trace and not all(steps):
+            raise ConfigError(
+                f"device.recipe.trace=true needs worked solutions, and task {task.name!r} has none for some "
+                "prompts: use a task that writes its steps (running_total) or device.recipe.trace=false."
+            )
         self.answers = [
-            encode(template.render_answer(p.answer), add_special_tokens=False) + eos for p in problems
+            encode((f"<think>{' '.join(s)}</think>" if trace else "") + template.render_answer(p.answer))
+            for p, s in zip(problems, steps, strict=True)
         ]
-        self.marker = encode(HELP_MARKER, add_special_tokens=False) + eos
+        # With a trace the marker comes after the first k steps, k uniform over 0..all: the help action
+        # is explored at every point of the attempt, and nothing says where it pays off.
+        self.markers = [
+            [encode(f"<think>{' '.join(s[:k])} {HELP_MARKER}") for k in range(len(s) + 1)]
+            if trace
+            else [encode(HELP_MARKER)]
+            for s in steps
+        ]
+        self.trace = trace
         self.marker_fraction = marker_fraction if template.allows_help else 0.0
         self.levels = [p.level for p in problems]
         self.pad_id = int(tokenizer.pad_token_id)
@@ -106,8 +127,8 @@ class SupervisedData:
 
     def token_ids(self) -> list[int]:
         """Every token id these examples contain (padding included), sorted."""
-        used = {self.pad_id, *self.prefix, *self.marker}
-        for rows in (self.tails, self.answers):
+        used = {self.pad_id, *self.prefix}
+        for rows in (self.tails, self.answers, *self.markers):
             for row in rows:
                 used.update(row)
         return sorted(used)
@@ -116,7 +137,12 @@ class SupervisedData:
         """`size` examples drawn with replacement; each target is the marker with prob. marker_fraction."""
         picks = rng.integers(len(self.tails), size=size)
         markers = rng.random(size) < self.marker_fraction
-        completions = [self.marker if m else self.answers[i] for i, m in zip(picks, markers, strict=True)]
+        # Drawn only with a trace, so trace-free builds keep the example stream (and cache key) they had.
+        where = rng.random(size) if self.trace else np.zeros(size)
+        completions = [
+            self.markers[i][int(w * len(self.markers[i]))] if m else self.answers[i]
+            for i, m, w in zip(picks, markers, where, strict=True)
+        ]
         rows = [self.tails[i] + c for i, c in zip(picks, completions, strict=True)]
         width = max(len(row) for row in rows)
         input_ids = torch.full((size, width), self.pad_id, dtype=torch.long)

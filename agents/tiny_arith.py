@@ -64,6 +64,10 @@ class TinyArithRecipe:
     Templates without the help option (plain) get no markers."""
     seed: int = 0
     """Seed of the example draws (the initial weights use device.seed)."""
+    trace: bool = False
+    """Learn the task's worked steps (Template I with a trace, `<think>37+48=85 ...</think>`) before the
+    answer, and put the marker after a random number of steps: a device that reasons, then decides
+    (`device=tiny-reason`, on running_total). Needs a task that writes its steps."""
     extra_templates: list[str] = field(default_factory=lambda: ["plain"])
     """Prompt templates it also learns from, besides the task's own; each step draws its batch from one
     of them in turn. The task-tuning baselines prompt with `plain` (no help option), and a model this
@@ -88,9 +92,12 @@ class TinyArithRecipe:
 def tiny_arith_spec(device: DeviceConfig, task: TaskConfig) -> dict[str, Any]:
     """Everything a built tiny-arith model depends on; its hash names the cache directory."""
     recipe = coerce(TinyArithRecipe, device.recipe, "device.recipe")
+    settings = dataclasses.asdict(recipe)
+    if not recipe.trace:
+        del settings["trace"]  # models built before the field existed keep their cache key
     return {
         "version": BUILD_VERSION,
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": settings,
         "architecture": {
             "hidden_size": device.hidden_size,
             "num_layers": device.num_layers,
@@ -134,7 +141,7 @@ def ensure_tiny_arith(device: DeviceConfig, task: TaskConfig) -> DeviceConfig:
 def build_tiny_arith(device: DeviceConfig, task: TaskConfig, target: Path) -> dict[str, Any]:
     """Train the model from scratch and publish it (weights, tokenizer, recipe.json) at `target`."""
     spec = tiny_arith_spec(device, task)
-    recipe = TinyArithRecipe(**spec["recipe"])
+    recipe = coerce(TinyArithRecipe, device.recipe, "device.recipe")
     started, cpu_started = time.perf_counter(), time.process_time()
     tokenizer_device = DeviceConfig(name="smollm2")  # SmolLM2's tokenizer keeps the env's defaults
     envs = [
@@ -142,7 +149,7 @@ def build_tiny_arith(device: DeviceConfig, task: TaskConfig, target: Path) -> di
         for name in _templates(task, recipe)
     ]
     problems = training_problems(envs[0].unwrapped.task, recipe.levels, "device.recipe.levels")
-    data = TemplateMix([SupervisedData(env, problems, recipe.marker_fraction) for env in envs])
+    data = TemplateMix([SupervisedData(env, problems, recipe.marker_fraction, recipe.trace) for env in envs])
     tokenizer = load_tokenizer(tokenizer_device)
     vocabulary = CompactVocabulary.of(data.token_ids(), data.vocab_size)
     torch.manual_seed(device.seed)

@@ -39,7 +39,8 @@ class TaskConfig:
     """Which task the prompts come from and how they are presented to the device model."""
 
     name: str = "arithmetic"
-    """Task source: arithmetic (embedded, difficulty levels), chain_sum, basic_arithmetic, countdown,
+    """Task source: arithmetic (embedded, difficulty levels), running_total (embedded, difficulty hidden
+    in the computation), chain_sum, basic_arithmetic, countdown,
     gsm_symbolic (reasoning-gym generators), jsonl_math, jsonl_countdown (local files)."""
     template: str = "answer_tags"
     """Prompt template: answer_tags (paper Template I), numbered_steps (Template II) or plain

@@ -11,12 +11,14 @@ from collab_env.tasks.base import Problem, RawProblem, Task, parse_number
 from collab_env.tasks.files import CountdownJsonlTask, MathJsonlTask
 from collab_env.tasks.generators import BasicArithmeticTask, ChainSumTask, CountdownTask, GsmSymbolicTask
 from collab_env.tasks.records import to_dataset as to_dataset  # a task's prompts as a datasets.Dataset
+from collab_env.tasks.running_total import RunningTotalTask
 from collab_env.tasks.templates import HELP_MARKER, TEMPLATES, Template
 
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
     for cls in (
         ArithmeticTask,
+        RunningTotalTask,
         ChainSumTask,
         BasicArithmeticTask,
         CountdownTask,

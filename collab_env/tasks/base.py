@@ -186,6 +186,11 @@ class Task(ABC):
         given, truth = parse_number(answer), parse_number(problem.answer)
         return given is not None and truth is not None and given == truth
 
+    def worked_steps(self, problem: Problem) -> list[str]:
+        """The solution written step by step, for a device recipe that learns to reason before it answers
+        (`device.recipe.trace`); empty for tasks that have none."""
+        return []
+
     def wrong_answer(self, problem: Problem, rng: random.Random) -> str:
         """A plausible wrong answer (used by the simulated cloud); numeric tasks shift the truth."""
         truth = parse_number(problem.answer)
