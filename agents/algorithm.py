@@ -6,6 +6,8 @@ An algorithm does two things, each in one short function of its own module:
   sum(coef * per-token term). Normalisers (per prompt, per sequence, per token) live in `coef`,
   so splitting a batch into micro-batches changes nothing.
 - `loss(out, batch)`: the objective on one micro-batch, as a scalar plus metrics.
+An algorithm with state of its own across steps (DA-GRPO's multiplier) also overrides
+`state_dict` / `load_state_dict`, which the trainer saves in and restores from checkpoints.
 
 `update()` below runs epochs, minibatches (one optimizer step each) and gradient accumulation
 for every algorithm alike.
@@ -42,6 +44,14 @@ class Algorithm(ABC):
         self.budget = budget
         self.seed = seed
         self.max_new_tokens = max_new_tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the algorithm carries from step to step (e.g. a Lagrange multiplier), JSON-serialisable:
+        saved in each checkpoint's state.json under "algorithm" and given to `load_state_dict` on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (an empty dict for a checkpoint written without it)."""
 
     @abstractmethod
     def prepare(

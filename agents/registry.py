@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents import sb3, tianshou
 from agents.algorithm import Algorithm
 from agents.config import FormatWarmupConfig, RolloutConfig, RunConfig, TrainConfig
+from agents.da_grpo import DAGRPO, DAGRPOConfig
 from agents.gapg import GAPG, GAPGConfig
 from agents.grpo import GRPO, DrGRPOConfig, GRPOConfig
 from agents.ppo import PPO, PPOConfig
@@ -46,6 +47,7 @@ AGENTS: dict[str, Agent] = {
     "grpo": Agent(GRPOConfig, algorithm=GRPO),
     "dr_grpo": Agent(DrGRPOConfig, algorithm=GRPO),
     "ppo": Agent(PPOConfig, algorithm=PPO),
+    "da_grpo": Agent(DAGRPOConfig, algorithm=DAGRPO),
     "sb3_ppo": Agent(sb3.SB3PPOConfig, train=sb3.train),
     "tianshou_ppo": Agent(tianshou.TianshouPPOConfig, train=tianshou.train),
 }

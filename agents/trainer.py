@@ -85,6 +85,7 @@ class Trainer:
             return 0
         state = load_checkpoint(found[-1], self.policy, self.optimizer, self.scheduler)
         check_same_run(found[-1], state["config"], self.run)
+        self.algorithm.load_state_dict(state.get("algorithm", {}))
         budget = state.get("budget", {})
         self.env.unwrapped.budget.calls = budget.get("calls", 0)
         self.env.unwrapped.budget.episodes = budget.get("episodes", 0)
@@ -197,6 +198,7 @@ class Trainer:
             "config": config_snapshot(self.run),
             "metrics": metrics,
             "budget": {"calls": budget.calls, "episodes": budget.episodes},
+            "algorithm": self.algorithm.state_dict(),
         }
         return save_checkpoint(
             self.run_dir, step, self.policy, self.optimizer, self.scheduler, extra, self.train.keep_last

@@ -16,6 +16,7 @@
 | `collab_grpo`    | hierarchical reward + GRPO, no filtering (Collaboration-Aware Tuning, v1)   |
 | `collab_dr_grpo` | hierarchical reward + Dr. GRPO, no filtering (Collaboration-Aware Tuning, v3) |
 | `ppo`            | hierarchical reward + token-level PPO with a value head                    |
+| `da_grpo`        | Lagrangian group baseline in the spirit of DA-GRPO (2602.00166; not a reproduction) |
 | `gapg`           | GAPG (the paper's method)                                                  |
 """
 
@@ -42,6 +43,7 @@ METHODS: dict[str, Method] = {
     "collab_grpo": trained.collab_grpo,
     "collab_dr_grpo": trained.collab_dr_grpo,
     "ppo": trained.ppo,
+    "da_grpo": trained.da_grpo,
     "gapg": trained.gapg,
 }
 

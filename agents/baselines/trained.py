@@ -1,5 +1,6 @@
 """Methods that need a training run: task-tuning only, Collaboration-Aware Tuning (GRPO / Dr. GRPO
-with the hierarchical reward, no filtering), PPO, and GAPG.
+with the hierarchical reward, no filtering), PPO, a Lagrangian baseline in the spirit of DA-GRPO,
+and GAPG.
 
 Runs live in `<experiment dir>/runs/<agent>-<template>/seed<seed>/`, the directory that
 `python -m agents.train` uses for the same experiment, so a run trained by hand is picked up here.
@@ -98,6 +99,12 @@ def collab_dr_grpo(ctx: EvalContext) -> MethodResult:
 def ppo(ctx: EvalContext) -> MethodResult:
     """Hierarchical reward + token-level PPO with a value head."""
     return _trained(ctx, "ppo", "Hier. reward + PPO", "ppo", None)
+
+
+def da_grpo(ctx: EvalContext) -> MethodResult:
+    """Dual-advantage group policy gradient with a Lagrange multiplier on the cloud rate, in the spirit
+    of DA-GRPO (arXiv 2602.00166; agents.da_grpo, not a reproduction), with the help option."""
+    return _trained(ctx, "da_grpo", "Lagrangian GRPO (DA-GRPO-style)", "da_grpo", None)
 
 
 def gapg(ctx: EvalContext) -> MethodResult:
