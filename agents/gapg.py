@@ -11,6 +11,11 @@ filter (Alg. 1 lines 11-12) are learned from, averaged per prompt (v3 eq. 5):
     Set 1 = prompts with at least one locally correct sample,
     Set 2 = up to floor(rho * |Set 1|) prompts with no locally correct sample but a correct cloud answer,
     theta <- theta + eta / |Set 1 u Set 2| * sum_{x in Set 1 u Set 2} grad R(x).
+
+Skill keeping (issue 17, not the paper's estimator, off by default): `kl_anchor` > 0 adds
+kl_anchor * KL(pi(.|x) || pi_0(.|x)) to the loss of each kept prompt, the sequence-level KL to the
+frozen starting model pi_0, estimated by the k3 estimate summed over a sample's tokens and averaged
+over its G samples, so that the device's own answers do not drift away while it learns to call.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.algorithm import Algorithm
+from agents.algorithm import Algorithm, score_batch
 from agents.batch import Rollout
 from agents.config import AgentConfig
+from agents.grpo import kl_k3
 from agents.policy import Policy, PolicyOutput
 from collab_env.errors import ConfigError
 
@@ -50,6 +56,10 @@ class GAPGConfig(AgentConfig):
     """Divide each group's weights by its reward std, as GRPO does. Not the paper's GAPG (off by
     default): a variant for small devices, where a useful call on an unsolved prompt otherwise earns
     far less than a call on a solved prompt loses (docs/gapg_vs_grpo.md)."""
+    kl_anchor: float = 0.0
+    """Skill keeping (issue 17): weight of the k3 KL estimate to the frozen starting model, per kept
+    prompt the sequence-level KL (summed over tokens, averaged over the G samples), so that local
+    accuracy does not fall during RL. 0 (the default) is the paper's GAPG and keeps no reference model."""
 
     def __post_init__(self) -> None:
         if self.set1_rule not in SET1_RULES:
@@ -57,6 +67,10 @@ class GAPGConfig(AgentConfig):
         if self.set2_order not in SET2_ORDERS:
             raise ConfigError(
                 f"agent.set2_order={self.set2_order!r}; choose one of: {', '.join(SET2_ORDERS)}."
+            )
+        if self.kl_anchor < 0:
+            raise ConfigError(
+                f"agent.kl_anchor={self.kl_anchor} must be >= 0 (0: no KL anchor, the paper's GAPG)."
             )
         if self.filter_ratio is not None and not 0 <= self.filter_ratio <= 1:
             raise ConfigError(f"agent.filter_ratio={self.filter_ratio} must be between 0 and 1 (or null).")
@@ -106,6 +120,10 @@ def gapg_loss(logprobs: torch.Tensor, weights: torch.Tensor, coef: torch.Tensor)
 
 
 class GAPG(Algorithm):
+    @property
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return self.config.kl_anchor > 0
+
     def prepare(
         self, rollout: Rollout, step: int, policy: Policy, reference: Policy | None
     ) -> tuple[Rollout | None, dict[str, float]]:
@@ -137,9 +155,18 @@ class GAPG(Algorithm):
         batch = rollout.select(rows)
         batch.extras["advantages"] = weights[:, None] * batch.completion_mask
         batch.extras["coef"] = batch.completion_mask / len(chosen)
+        if reference is not None:
+            batch.extras["ref_logprobs"] = score_batch(reference, batch, self.train.micro_batch_size).logprobs
         metrics["adv/abs_mean"] = float(weights.abs().mean())
         return batch, metrics
 
     def loss(self, out: PolicyOutput, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = gapg_loss(out.logprobs, batch.extras["advantages"], batch.extras["coef"])
-        return loss, {"loss/policy": loss.item()}
+        coef = batch.extras["coef"]
+        loss = gapg_loss(out.logprobs, batch.extras["advantages"], coef)
+        metrics = {"loss/policy": loss.item()}
+        if "ref_logprobs" in batch.extras:
+            # coef holds 1/|S|; over G it averages the samples' summed-token KL estimates per prompt.
+            kl = (coef * kl_k3(out.logprobs, batch.extras["ref_logprobs"])).sum() / batch.group_size
+            loss = loss + self.config.kl_anchor * kl
+            metrics["loss/kl"] = kl.item()
+        return loss, metrics

@@ -1,16 +1,26 @@
-"""The math of GAPG, GRPO and PPO against values worked out by hand on small fixed batches."""
+"""The math of GAPG, GRPO and PPO against values worked out by hand on small fixed batches; GAPG's
+KL anchor (skill keeping) by hand and for two trainer steps."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from test_train_smoke import judge_first_token
 
 from agents.batch import Rollout
 from agents.config import TrainConfig
+from agents.distributed import QuietLog
 from agents.gapg import GAPG, GAPGConfig, gapg_loss, gapg_weights, select_prompts
 from agents.grpo import GRPO, GRPOConfig, clipped_surrogate, grpo_advantages, kl_k3
+from agents.policy import PolicyOutput
 from agents.ppo import PPOConfig, gae, terminal_rewards
+from agents.registry import register_configs, to_objects
+from agents.trainer import Trainer
 from collab_env.config import BudgetConfig
 from collab_env.errors import ConfigError
 
@@ -141,6 +151,63 @@ def test_gapg_gradient_equals_the_paper_estimator_on_a_toy_policy():
 def test_gapg_refuses_several_epochs():
     with pytest.raises(ConfigError, match="on-policy"):
         GAPGConfig(epochs=2)
+
+
+class _Reference:
+    """A frozen "starting model" whose log-prob of token 5 is -1 + ln 2 and of any other token -1."""
+
+    device = torch.device("cpu")
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int):
+        return PolicyOutput(-1.0 + math.log(2) * (input_ids[:, -completion_len:] == 5).float())
+
+
+def _kl_batch(kl_anchor: float):
+    rollout = _rollout(
+        torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.tensor([[True, False, False, False]]),
+        torch.zeros(1, 4, dtype=torch.bool), [2, 1, 1, 1],
+    )  # fmt: skip
+    rollout.input_ids[0, -2:] = 5  # sample 0's two tokens are where the reference differs
+    algorithm = GAPG(GAPGConfig(kl_anchor=kl_anchor), TrainConfig(), BudgetConfig(), seed=0, max_new_tokens=8)
+    reference = _Reference() if algorithm.needs_reference else None
+    batch, _ = algorithm.prepare(rollout, step=1, policy=None, reference=reference)
+    out = PolicyOutput(-batch.completion_mask)  # the current policy: log pi = -1 on every token
+    return algorithm, batch, out
+
+
+def test_gapg_kl_anchor_adds_the_k3_term_by_hand():
+    algorithm, batch, out = _kl_batch(0.1)
+    assert algorithm.needs_reference
+    loss, metrics = algorithm.loss(out, batch)
+    # Policy term: -(1/3) [0.75 * (-2) - 0.25 * (-1) * 3] = 0.25. KL: sample 0's tokens have
+    # ref - lp = ln 2, so k3 = 2 - ln 2 - 1 each; summed over its 2 tokens, averaged over G = 4.
+    kl = 2 * (1 - math.log(2)) / 4
+    assert metrics["loss/policy"] == pytest.approx(0.25) and metrics["loss/kl"] == pytest.approx(kl)
+    assert float(loss) == pytest.approx(0.25 + 0.1 * kl)
+
+
+def test_gapg_kl_anchor_zero_is_exactly_the_papers_loss():
+    algorithm, batch, out = _kl_batch(0.0)
+    assert not algorithm.needs_reference and "ref_logprobs" not in batch.extras
+    loss, metrics = algorithm.loss(out, batch)
+    assert torch.equal(loss, gapg_loss(out.logprobs, batch.extras["advantages"], batch.extras["coef"]))
+    assert set(metrics) == {"loss/policy"}
+    with pytest.raises(ConfigError, match="agent.kl_anchor"):
+        GAPGConfig(kl_anchor=-0.1)
+
+
+def test_gapg_kl_anchor_in_the_trainer(tmp_path):
+    register_configs()
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    overrides = ["experiment=smoke", "agent=gapg", "agent.kl_anchor=0.1", "agent.filtering=false"]
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        run = to_objects(compose(config_name="train", overrides=[*overrides, "train.steps=2"]))
+    trainer = Trainer(run, tmp_path)
+    judge_first_token(trainer)
+    assert trainer.reference is not None
+    first, second = trainer.step(1, QuietLog()), trainer.step(2, QuietLog())
+    assert first["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # the policy still is the starting model
+    assert second["loss/kl"] > 0  # one update later it has moved away from it
 
 
 def test_grpo_advantages_scale_by_std_and_dr_grpo_does_not():
