@@ -34,7 +34,8 @@ MARGIN_BATCH = 16
 
 @dataclass
 class EvalResult:
-    """Per-prompt final infos of one evaluation, and the metrics computed from them."""
+    """Per-prompt final infos of one evaluation (each with its greedy `completion` text), and the
+    metrics computed from them."""
 
     infos: list[dict[str, Any]]
     rewards: list[float] = field(default_factory=list)
@@ -65,6 +66,7 @@ def evaluate_policy(
     was_training = policy.training
     try:
         greedy = engine.rollout(prompt_ids, group_size=1, greedy=True)
+        greedy.infos = with_completions(greedy, env.unwrapped.tokenizer)
         if local_env is None:
             return EvalResult(greedy.infos, greedy.rewards.tolist())
         local = HFRollout(policy, local_env, config)
@@ -85,6 +87,16 @@ def evaluate_policy(
         return EvalResult(infos, greedy.rewards.tolist(), alone, margins)
     finally:
         policy.train(was_training)
+
+
+def with_completions(batch: Rollout, tokenizer: Any) -> list[dict[str, Any]]:
+    """The batch's infos, each with its completion's text (`completion`, decoded as the env's scorer
+    reads it), where agents.call_position finds how far a completion got before it called."""
+    tail = batch.input_ids[:, -batch.completion_len :]
+    return [
+        {**info, "completion": tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)}
+        for info, ids, mask in zip(batch.infos, tail, batch.completion_mask, strict=True)
+    ]
 
 
 def answered_alone(refused: dict[str, Any], alone: dict[str, Any]) -> dict[str, Any]:

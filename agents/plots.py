@@ -1,5 +1,6 @@
 """The report's pictures: accuracy against cloud use (pareto.png), training curves of any runs
-(curves.png) and the help rate per task level."""
+(curves.png), each help-option run's call rate side by side (call_rates.png), where in its trace a
+policy calls (call_positions.png) and the help rate per task level."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.baselines.context import MethodResult
+from agents.call_position import PRECEDES, CallPositions
 
 
 def plot_pareto(out_dir: Path, results: list[MethodResult], table: dict[str, dict[str, Any]]) -> Path | None:
@@ -63,6 +65,108 @@ def plot_curves(out_dir: Path, results: list[MethodResult]) -> Path | None:
         if r.training_metrics and r.training_metrics.exists()
     ]
     return plot_training_curves(out_dir / "curves.png", runs) if runs else None
+
+
+def help_option_runs(results: list[MethodResult]) -> list[tuple[str, list[dict[str, float]]]]:
+    """(label, metrics.csv rows) of every trained method whose run had the help option: its run directory
+    `<agent>-<template>/seed<S>` (agents.baselines.trained) is not of the `plain` template."""
+    return [
+        (r.label, read_metrics(r.training_metrics))
+        for r in results
+        if r.training_metrics
+        and r.training_metrics.exists()
+        and not r.training_metrics.parent.parent.name.endswith("-plain")
+    ]
+
+
+def plot_help_option_curves(out_dir: Path, results: list[MethodResult]) -> Path | None:
+    """call_rates.png: `plot_call_rates` of every trained help-option method that has a run."""
+    runs = help_option_runs(results)
+    return plot_call_rates(out_dir / "call_rates.png", runs) if runs else None
+
+
+def plot_call_rates(path: Path, runs: list[tuple[str, list[dict[str, float]]]]) -> Path:
+    """One panel per run, side by side on a shared axis: its training help (call) rate per step, and its
+    held-out help and cloud rates at each evaluation step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False, sharey=True)
+    for ax, (label, rows) in zip(axes[0], runs, strict=True):
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [100 * r.get("env/help_rate", math.nan) for r in rows], label="training help rate")
+        for key, name in (
+            ("eval/help_rate", "held-out help rate"),
+            ("eval/cloud_rate", "held-out cloud rate"),
+        ):
+            points = [(r["step"], 100 * r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), "o--", label=name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("calls (% of completions)")
+    axes[0][0].set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_call_positions(path: Path, positions: dict[str, CallPositions], labels: dict[str, str]) -> Path:
+    """Histogram of the call position (steps written before the marker), one group of bars per method,
+    each bar its share of the method's calls, stacked by what the last written step was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    n = max(max(c.max_steps, *c.by_position) for c in positions.values()) + 1
+    width = 0.8 / len(positions)
+    colors = {"none": "tab:gray", "right": "tab:green", "wrong": "tab:red"}
+    names = {"none": "no step yet", "right": "last step right", "wrong": "last step wrong"}
+    hatches = ("", "//", "..", "xx", "\\\\", "++")
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * n * len(positions) ** 0.5), 4))
+    for m, c in enumerate(positions.values()):
+        xs = [k - 0.4 + width * (m + 0.5) for k in range(n)]
+        bottom = [0.0] * n
+        for kind in PRECEDES:
+            heights = [100 * c.by_position.get(k, {}).get(kind, 0) / c.calls for k in range(n)]
+            ax.bar(
+                xs,
+                heights,
+                width,
+                bottom=bottom,
+                color=colors[kind],
+                hatch=hatches[m % len(hatches)],
+                edgecolor="black",
+                linewidth=0.5,
+            )
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_xticks(range(n))
+    ax.set_xlabel("steps written before the call for help")
+    ax.set_ylabel("% of the method's calls")
+    ax.set_title("Where in its trace each policy calls (one hatched bar per method at each position)")
+    ax.grid(alpha=0.3, axis="y")
+    handles = [Patch(facecolor=colors[kind], edgecolor="black", label=names[kind]) for kind in PRECEDES]
+    handles += [
+        Patch(
+            facecolor="white",
+            edgecolor="black",
+            hatch=hatches[m % len(hatches)],
+            label=labels.get(name, name),
+        )
+        for m, name in enumerate(positions)
+    ]
+    ax.legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

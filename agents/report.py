@@ -1,5 +1,8 @@
 """The comparison report: `report.md` (one row per method), `results.json` (every number the report
-shows), `pareto.png` (accuracy vs cloud rate) and `curves.png` (training reward and help rate per step).
+shows), `pareto.png` (accuracy vs cloud rate), `curves.png` (training reward and help rate per step),
+`call_rates.png` (each help-option run's training call rate, side by side) and, for a task with worked
+steps, `call_positions.png` (where in its trace each policy calls; agents.call_position). Routers that
+report their right/wrong classification (`router/test_accuracy`, `router/test_auc`) get a table of it.
 
 With several seeds (`evaluate.seeds`) every number is the mean over seeds with its min-max, and each
 method's accuracy difference to GAPG gets a paired bootstrap 95% interval over prompts (per-prompt
@@ -16,12 +19,25 @@ from pathlib import Path
 from typing import Any
 
 from agents.baselines.context import MethodResult
-from agents.plots import plot_curves, plot_level_help, plot_pareto, plot_training_curves, read_metrics
+from agents.call_position import call_positions, position_lines, task_from_context
+from agents.plots import (
+    plot_call_positions,
+    plot_curves,
+    plot_help_option_curves,
+    plot_level_help,
+    plot_pareto,
+    plot_training_curves,
+    read_metrics,
+)
 from agents.tradeoff import apgr, cpt, paired_bootstrap, pgr
+from collab_env.tasks import Task
 
 CPT_TARGETS = (0.2, 0.5, 0.8)
 REFERENCE = "gapg"
 """The method every other is compared with (the paper's)."""
+
+ROUTER_KEYS = ("router/test_accuracy", "router/test_auc")
+"""A router's classification of held-out prompts as ones its device gets wrong: accuracy at 0.5, ROC AUC."""
 
 CAP_RULE = (
     "A call the cap refuses is answered by the device on its own: a router keeps the device's answer, "
@@ -98,13 +114,40 @@ def _cell(stats: dict[str, dict[str, float]], key: str, seeds: int) -> str:
     return f"{text} [{_pct(value['min'])}–{_pct(value['max'])}]" if seeds > 1 and text != "–" else text
 
 
+def router_lines(results: list[MethodResult], means: dict[str, dict[str, float]]) -> list[str]:
+    """The table of the routers' right/wrong classification, for routers that report it."""
+    rows = [r for r in results if all(k in means[r.name] for k in ROUTER_KEYS)]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Routers' right/wrong classification on held-out prompts: how well each router tells the prompts its",
+        "device gets wrong from those it gets right (accuracy at a 0.5 score; ROC AUC, 0.5 = chance; the",
+        "majority guess is the accuracy of always predicting the more common outcome), mean over seeds.",
+        "",
+        "| router | test accuracy % | test AUC | majority guess % | train accuracy % |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = means[r.name]
+        local = m["local_accuracy"]
+        lines.append(
+            f"| {r.label} | {_pct(m['router/test_accuracy'])} | {m['router/test_auc']:.3f} | "
+            f"{_pct(max(local, 1 - local))} | {_pct(m.get('router/train_accuracy'))} |"
+        )
+    return lines
+
+
 def write_report(
     out_dir: Path,
     by_seed: dict[int, list[MethodResult]],
     cloud_correct: list[bool],
     context: dict[str, Any],
+    task: Task | None = None,
 ) -> Path:
-    """Write report.md, results.json and the plots into `out_dir`; returns the report's path."""
+    """Write report.md, results.json and the plots into `out_dir`; returns the report's path. `task`
+    (default: rebuilt from `context["config"]["task"]` when its class writes worked steps) places each
+    policy's calls in its trace."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = sorted(by_seed)
@@ -112,6 +155,9 @@ def write_report(
     stats = across_seeds(tables)
     differences = differences_to_reference(by_seed)
     first = by_seed[seeds[0]]
+    labels = {r.name: r.label for r in first}
+    task = task or task_from_context(context)
+    positions = call_positions(by_seed, task) if task is not None else {}
     payload = {
         "context": {**context, "seeds": seeds, "cap_rule": CAP_RULE},
         "methods": {
@@ -129,10 +175,18 @@ def write_report(
             }
             for r in first
         },
+        "call_positions": {name: c.as_dict() for name, c in positions.items()},
     }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
     means = {name: {k: v["mean"] for k, v in s.items()} for name, s in stats.items()}
-    plots = [p for p in (plot_pareto(out_dir, first, means), plot_curves(out_dir, first)) if p]
+    curves = (
+        plot_pareto(out_dir, first, means),
+        plot_curves(out_dir, first),
+        plot_help_option_curves(out_dir, first),
+    )
+    plots = [p for p in curves if p]
+    if positions:
+        plot_call_positions(out_dir / "call_positions.png", positions, labels)
     n = len(seeds)
     lines = [
         f"# DeviceCloud report: {context.get('name', '')}",
@@ -186,6 +240,8 @@ def write_report(
         "a method's curve (a router's threshold sweep; a trained policy's sweep of a bias on its help action's",
         "logit); CPT(50%) is the cloud rate that closes half.",
     ]
+    lines += router_lines(first, means)
+    lines += position_lines(positions, labels, "call_positions.png")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
