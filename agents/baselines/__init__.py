@@ -10,6 +10,9 @@
 | `task_tuning`    | GRPO-tuned device without the help option, answers everything              |
 | `random_offload` | task-tuned device, a random rho/(1+rho) share of questions to the cloud     |
 | `prompt_router`  | task-tuned device + classifier on prompt embeddings, threshold at the budget |
+| `probe_router`   | task-tuned device + probe on its own hidden state of the prompt, before answering |
+| `feature_router` | task-tuned device + gradient boosting on the question's numbers and operations |
+| `confidence_router` | task-tuned device answers; its least confident attempts go to the cloud |
 | `oracle_router`  | task-tuned device, offloads exactly the questions it gets wrong (upper bound) |
 | `sb3_router`     | task-tuned device + SB3 PPO router trained on DeviceCloudRouting-v0         |
 | `tianshou_router` | task-tuned device + Tianshou PPO router trained on DeviceCloudRouting-v0   |
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agents.baselines import reference, routers, trained
+from agents.baselines import reference, routers, signal_routers, trained
 from agents.baselines.context import EvalContext, MethodResult
 from collab_env.errors import unknown_name
 
@@ -37,6 +40,9 @@ METHODS: dict[str, Method] = {
     "task_tuning": trained.task_tuning,
     "random_offload": routers.random_offload,
     "prompt_router": routers.prompt_router,
+    "probe_router": signal_routers.probe_router,
+    "feature_router": signal_routers.feature_router,
+    "confidence_router": signal_routers.confidence_router,
     "oracle_router": routers.oracle_router,
     "sb3_router": routers.sb3_router,
     "tianshou_router": routers.tianshou_router,

@@ -9,11 +9,20 @@ reachable here, so ours is a logistic-regression classifier on frozen all-MiniLM
 embeddings of the question (shipped on the package index), trained on which training prompts the
 task-tuned model answers correctly, with its threshold calibrated on those training prompts so
 that a rho/(1+rho) share of them would go to the cloud (paper-spec section 6, open question 8).
+
+Every score-based router (this prompt router and those of agents.baselines.signal_routers) goes
+through `scored_router`: its score, in [0, 1], reads as the chance that the task-tuned device gets
+the prompt wrong; one threshold, calibrated on the training prompts' scores, decides the calls; the
+same diagnostics go in `extra`: `router/train_accuracy` and `router/test_accuracy` (right/wrong
+classification accuracy at a 0.5 score, as agents.report's table says, whatever the threshold),
+`router/train_auc` and `router/test_auc` (ROC AUC of the score for predicting that the device
+fails), `router/test_call_rate_before_cap` and `router/threshold`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -119,29 +128,98 @@ def calibrated_threshold(scores: np.ndarray, share: float) -> float:
     return float(np.quantile(scores, 1.0 - share)) if len(scores) else 0.0
 
 
-def prompt_router(ctx: EvalContext) -> MethodResult:
-    """Task-tuning + a learned prompt router (classifier on question embeddings, threshold at the budget)."""
-    task = ctx.task
-    train_ids = [p.id for p in task.problems("train")[: ctx.run.evaluate.router_prompts]]
-    train_local = tuned_local(ctx, "train", train_ids)
-    labels = np.array([not i["local_correct"] for i in train_local], dtype=np.float32)
-    train_x = minilm_features([task.problem(i).question for i in train_ids])
-    test_x = minilm_features([task.problem(i).question for i in ctx.prompt_ids])
-    model = fit_logistic(train_x, labels)
-    with torch.no_grad():
-        train_scores = torch.sigmoid(model(torch.as_tensor(train_x))).squeeze(-1).numpy()
-        test_scores = torch.sigmoid(model(torch.as_tensor(test_x))).squeeze(-1).numpy()
+def failures(infos: list[dict[str, Any]]) -> np.ndarray:
+    """Whether the device got each prompt wrong (the label every router predicts)."""
+    return np.array([not i["local_correct"] for i in infos], dtype=bool)
+
+
+def roc_auc(scores: np.ndarray, fails: np.ndarray) -> float:
+    """ROC AUC of `scores` for predicting `fails` (ties count one half); nan when one class is missing."""
+    from sklearn.metrics import roc_auc_score
+
+    fails = np.asarray(fails, dtype=bool)
+    if fails.all() or not fails.any():
+        return float("nan")
+    return float(roc_auc_score(fails, np.asarray(scores, dtype=np.float64)))
+
+
+def router_train_ids(ctx: EvalContext) -> list[int]:
+    """The training prompts whose device outcomes label (and calibrate) the routers."""
+    return [p.id for p in ctx.task.problems("train")[: ctx.run.evaluate.router_prompts]]
+
+
+def scored_router(
+    ctx: EvalContext,
+    name: str,
+    label: str,
+    train_scores: np.ndarray,
+    test_scores: np.ndarray,
+) -> MethodResult:
+    """The row of a router that scores each prompt's chance of a wrong device answer (highest first):
+    the threshold that sends a rho/(1+rho) share of the training prompts (`router_train_ids`, scored
+    by `train_scores`) to the cloud, the held-out prompts at or above it sent (then the cap), and the
+    diagnostics of the module docstring."""
+    train_fails = failures(tuned_local(ctx, "train", router_train_ids(ctx)))
+    test_fails = failures(_held_out(ctx)[0])
+    train_scores, test_scores = np.asarray(train_scores, float), np.asarray(test_scores, float)
     threshold = calibrated_threshold(train_scores, ctx.run.budget.share)
-    local, _ = _held_out(ctx)
-    to_cloud = (test_scores >= threshold).tolist()
-    test_labels = np.array([not i["local_correct"] for i in local])
+    to_cloud = test_scores >= threshold
     extra = {
-        "router/train_accuracy": float(((train_scores >= 0.5) == labels.astype(bool)).mean()),
-        "router/test_accuracy": float(((test_scores >= 0.5) == test_labels).mean()),
-        "router/test_call_rate_before_cap": float(np.mean(to_cloud)),
+        "router/train_accuracy": float(((train_scores >= 0.5) == train_fails).mean()),
+        "router/test_accuracy": float(((test_scores >= 0.5) == test_fails).mean()),
+        "router/train_auc": roc_auc(train_scores, train_fails),
+        "router/test_auc": roc_auc(test_scores, test_fails),
+        "router/test_call_rate_before_cap": float(to_cloud.mean()),
         "router/threshold": threshold,
     }
-    return routed(ctx, "prompt_router", "Task-tuning + prompt router", to_cloud, test_scores.tolist(), extra)
+    return routed(ctx, name, label, to_cloud.tolist(), test_scores.tolist(), extra)
+
+
+Classifier = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""(train features, train labels: 1 = device fails, test features) -> P(fails) on train and on test."""
+
+
+def logistic_scores(
+    train_x: np.ndarray, labels: np.ndarray, test_x: np.ndarray, standardize: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """A `Classifier`: `fit_logistic`, on features standardised by the training prompts' mean and
+    spread when `standardize` (hidden states, whose dimensions differ in scale by orders of magnitude)."""
+    if standardize:
+        mean, spread = train_x.mean(0), train_x.std(0) + 1e-6
+        train_x, test_x = (train_x - mean) / spread, (test_x - mean) / spread
+    model = fit_logistic(train_x, labels.astype(np.float32))
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.sigmoid(model(torch.as_tensor(x, dtype=torch.float32))).squeeze(-1).numpy()
+
+    return predict(train_x), predict(test_x)
+
+
+def classifier_router(
+    ctx: EvalContext,
+    name: str,
+    label: str,
+    featurize: Callable[[str, list[int]], np.ndarray],
+    classifier: Classifier,
+) -> MethodResult:
+    """A router that predicts from `featurize(split, prompt_ids)` which prompts the task-tuned device gets
+    wrong, trained on its outcomes on the training prompts (`scored_router` does the rest)."""
+    train_ids = router_train_ids(ctx)
+    labels = failures(tuned_local(ctx, "train", train_ids))
+    train_x = featurize("train", train_ids)
+    test_x = featurize(ctx.run.evaluate.split, ctx.prompt_ids)
+    train_scores, test_scores = classifier(train_x, labels, test_x)
+    return scored_router(ctx, name, label, train_scores, test_scores)
+
+
+def prompt_router(ctx: EvalContext) -> MethodResult:
+    """Task-tuning + a learned prompt router (classifier on question embeddings, threshold at the budget)."""
+
+    def embed(_: str, ids: list[int]) -> np.ndarray:
+        return minilm_features([ctx.task.problem(i).question for i in ids])
+
+    return classifier_router(ctx, "prompt_router", "Task-tuning + prompt router", embed, logistic_scores)
 
 
 def routing_device_answers(ctx: EvalContext) -> dict[int, str]:
