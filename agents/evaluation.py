@@ -34,8 +34,8 @@ MARGIN_BATCH = 16
 
 @dataclass
 class EvalResult:
-    """Per-prompt final infos of one evaluation (each with its greedy `completion` text), and the
-    metrics computed from them."""
+    """Per-prompt final infos of one evaluation (each with its greedy `completion` text and its
+    `min_token_prob`, see `with_completions`), and the metrics computed from them."""
 
     infos: list[dict[str, Any]]
     rewards: list[float] = field(default_factory=list)
@@ -77,6 +77,7 @@ def evaluate_policy(
         if callers:
             local_env.unwrapped.budget.reset_window()
             banned = local.rollout([prompt_ids[i] for i in callers], 1, greedy=True, help_bias=-math.inf)
+            banned.infos = with_completions(banned, local_env.unwrapped.tokenizer)
             for k, (i, margin) in enumerate(
                 zip(callers, help_margins(policy, banned, branches), strict=True)
             ):
@@ -91,22 +92,33 @@ def evaluate_policy(
 
 def with_completions(batch: Rollout, tokenizer: Any) -> list[dict[str, Any]]:
     """The batch's infos, each with its completion's text (`completion`, decoded as the env's scorer
-    reads it), where agents.call_position finds how far a completion got before it called."""
+    reads it), where agents.call_position finds how far a completion got before it called, and
+    `min_token_prob`: the lowest probability of a token of the completion (the stop token included;
+    1.0 for an empty one) under the distribution it was decoded from (the batch's `old_logprobs`: for
+    a greedy one, the model's softmax at temperature 1), the confidence router's signal."""
     tail = batch.input_ids[:, -batch.completion_len :]
+    rows = zip(batch.infos, tail, batch.completion_mask.bool(), batch.old_logprobs, strict=True)
     return [
-        {**info, "completion": tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)}
-        for info, ids, mask in zip(batch.infos, tail, batch.completion_mask, strict=True)
+        {
+            **info,
+            "completion": tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True),
+            "min_token_prob": math.exp(min(logprobs[mask].tolist(), default=0.0)),
+        }
+        for info, ids, mask, logprobs in rows
     ]
 
 
 def answered_alone(refused: dict[str, Any], alone: dict[str, Any]) -> dict[str, Any]:
     """The final info of a refused call once the device has answered on its own: still a refused call
-    (`over_budget`, it asked), scored on the device's own answer."""
+    (`over_budget`, it asked), scored on the device's own answer, whose `min_token_prob` it takes
+    (that of the help-banned completion: the help token's mass left out where it was banned); its
+    `completion` stays the one that called."""
     return {
         **refused,
         "local_answer": alone["local_answer"],
         "local_correct": alone["local_correct"],
         "correct": alone["local_correct"],
+        "min_token_prob": alone["min_token_prob"],
         "completion_tokens": refused["completion_tokens"] + alone["completion_tokens"],
     }
 

@@ -34,21 +34,23 @@ TINY = {"name": "tiny-random", "dtype": "float32"}
 
 def scripted(env, calls: dict[int, bool], right: dict[int, bool]):
     """HFRollout.generate that answers by script: the marker where `calls` says so (unless the help
-    action is banned), else the right or a wrong answer as `right` says."""
+    action is banned), else the right or a wrong answer as `right` says; every token at log-probability
+    -1/8 in a marker, -1/4 in an answer, but the first, at -(prompt id)/64 in an answer."""
     task = env.unwrapped.task
     prompt_of = {tuple(env.unwrapped.prompt_tokens(p.id).tolist()): p for p in task.problems("test")}
 
     def generate(self, prompts, max_new_tokens, greedy, seed, help_bias=0.0, stop_rules=True):
-        out = []
+        out, logprobs = [], []
         for prompt in prompts:
             problem = prompt_of[tuple(np.asarray(prompt).tolist())]
             if calls[problem.id] and help_bias != -math.inf:
-                text = HELP_MARKER
+                out.append(encode(env, HELP_MARKER))
+                logprobs.append([-1 / 8] * len(out[-1]))
             else:
                 answer = problem.answer if right[problem.id] else str(int(problem.answer) + 1)
-                text = task.template.render_answer(answer)
-            out.append(encode(env, text))
-        return Generation(out, [[0.0] * len(c) for c in out])
+                out.append(encode(env, task.template.render_answer(answer)))
+                logprobs.append([-problem.id / 64] + [-1 / 4] * (len(out[-1]) - 1))
+        return Generation(out, logprobs)
 
     return generate
 
@@ -73,6 +75,34 @@ def test_a_refused_call_is_scored_alike_for_a_router_and_for_a_policy(make_env, 
     # a refused policy answers on its own: scored right exactly where its own answer is right
     assert all(i["correct"] == right[i["prompt_id"]] for i in refused)
     assert [a["local_correct"] for a in result.alone] == [right[i] for i in ids]
+    # each info's lowest token probability is that of the completion it is scored on: the answer
+    # written alone for a refused call, the marker for an admitted one
+    answered = [min(-i / 64, -1 / 4) for i in ids]
+    assert [a["min_token_prob"] for a in result.alone] == pytest.approx(np.exp(answered))
+    lowest = [-1 / 8 if i["called_cloud"] else lp for i, lp in zip(result.infos, answered, strict=True)]
+    assert [i["min_token_prob"] for i in result.infos] == pytest.approx(np.exp(lowest))
+
+
+def test_min_token_prob_is_the_models_lowest_probability_of_a_greedy_token(make_env):
+    """`min_token_prob` of a greedy completion: exp of the lowest log-softmax (temperature 1) of its
+    tokens, recomputed by a plain forward pass of the model on the prompt and the completion."""
+    env = make_env(device=TINY, split="test")
+    policy = Policy(load_model(TINY), load_tokenizer("tiny-random"))
+    ids = [p.id for p in env.unwrapped.task.problems("test")][:6]
+    result = evaluate_policy(policy, env, ids, RolloutConfig(), 8)
+    greedy = HFRollout(policy, env, RolloutConfig(max_batch=8)).rollout(ids, 1, greedy=True)
+    tail = greedy.input_ids[:, -greedy.completion_len :]
+    for pid, info, row, mask in zip(ids, result.infos, tail, greedy.completion_mask.bool(), strict=True):
+        written = row[mask]
+        assert info["completion"] == env.unwrapped.tokenizer.decode(
+            written.tolist(), skip_special_tokens=True
+        )
+        prompt = torch.as_tensor(env.unwrapped.prompt_tokens(pid))
+        with torch.no_grad():
+            logits = policy.model(torch.cat([prompt, written])[None]).logits[0, len(prompt) - 1 : -1]
+        chosen = torch.log_softmax(logits[:, : policy.vocab_size].double(), -1).gather(-1, written[:, None])
+        assert 0 < info["min_token_prob"] < 1
+        assert info["min_token_prob"] == pytest.approx(chosen.min().exp().item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(20))

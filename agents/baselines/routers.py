@@ -39,7 +39,8 @@ from collab_env.features import minilm_features
 
 
 def tuned_local(ctx: EvalContext, split: str, prompt_ids: list[int]) -> list[dict[str, Any]]:
-    """Greedy local answers of the task-tuned device (no help option, no cloud) for `prompt_ids`.
+    """Greedy local answers of the task-tuned device (no help option, no cloud) for `prompt_ids`: the
+    final infos of `evaluation.evaluate_policy`, each with its `completion` and `min_token_prob`.
 
     Kept per prompt for the whole evaluation, so each prompt is answered once whichever methods ask for
     it (a greedy answer without the cloud depends on its batch only through float rounding)."""

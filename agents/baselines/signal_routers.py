@@ -21,17 +21,16 @@ below the threshold; its score is one minus that probability (at 0.5: some token
 worse). The whole completion rather than the answer tokens alone: a device that writes
 its steps (`device=tiny-reason`) hesitates where a step carries or borrows, and its answer then
 follows confidently from whatever that step wrote; and it needs no mapping of the answer's characters
-back onto tokens. The log-probabilities come from a second greedy decoding of the same prompts by the
-rollout engine with the help action banned (what `evaluation.evaluate_policy` answers on its own for a
-completion that called; for one that did not, banning changes no greedy token): `EvalResult` keeps no
-per-token log-probabilities. `router/answers_differing` counts the prompts whose second answer is not
-`tuned_local`'s (float rounding in another batch; 0 expected).
+back onto tokens. The probability is the one `evaluation.evaluate_policy` records with each greedy
+completion it decodes (`min_token_prob` of every info `tuned_local` keeps): for a completion that
+called, that of the help-banned completion the device then answers with, so the score is always
+that of the answer routed.
 """
 
 from __future__ import annotations
 
-import math
 import re
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +43,6 @@ from agents.baselines.routers import (
     tuned_local,
 )
 from agents.baselines.trained import trained_policy
-from agents.config import RolloutConfig
-from agents.rollout.hf import HFRollout
 from agents.runs import no_cloud
 from collab_env.features import device_features
 
@@ -154,40 +151,16 @@ def feature_router(ctx: EvalContext) -> MethodResult:
     return classifier_router(ctx, "feature_router", label, featurize, boosting_scores)
 
 
-def tuned_attempts(
-    ctx: EvalContext, split: str, prompt_ids: list[int]
-) -> list[tuple[list[float], str | None]]:
-    """(per-token log-probabilities, answer) of the task-tuned device's greedy completion of each prompt,
-    help action banned (see the module docstring); decoded once per prompt for the whole evaluation."""
-    known: dict[int, tuple[list[float], str | None]] = ctx.memo(f"tuned-attempts:{split}", dict)
-    missing = [i for i in dict.fromkeys(prompt_ids) if i not in known]
-    if missing:
-        policy, _ = trained_policy(ctx, "grpo", "plain")
-        env = ctx.env("plain", no_cloud(), split)
-        engine = HFRollout(policy, env, RolloutConfig(max_batch=ctx.run.evaluate.max_batch))
-        batch = engine.rollout(missing, 1, greedy=True, help_bias=-math.inf)
-        for pid, row, keep, info in zip(
-            batch.prompt_ids, batch.old_logprobs, batch.completion_mask.bool(), batch.infos, strict=True
-        ):
-            known[pid] = (row[keep].tolist(), info["local_answer"])
-    return [known[i] for i in prompt_ids]
-
-
-def doubt(logprobs: list[float]) -> float:
-    """The confidence router's score: one minus the lowest token probability of a completion (0 for an
-    empty one), so the least sure completions score highest."""
-    return 1.0 - float(np.exp(min(logprobs, default=0.0)))
+def doubt(info: dict[str, Any]) -> float:
+    """The confidence router's score of a device answer's info: one minus the lowest token probability
+    of its completion, so the least sure completions score highest."""
+    return 1.0 - info["min_token_prob"]
 
 
 def confidence_router(ctx: EvalContext) -> MethodResult:
     """Task-tuning + offloading where the device was least sure of its own greedy attempt (no RL)."""
-    scores, differing = [], 0
-    for split, ids in (("train", router_train_ids(ctx)), (ctx.run.evaluate.split, ctx.prompt_ids)):
-        attempts = tuned_attempts(ctx, split, ids)
-        scores.append(np.array([doubt(logprobs) for logprobs, _ in attempts]))
-        answers = [info["local_answer"] for info in tuned_local(ctx, split, ids)]
-        differing += sum(a != b for (_, a), b in zip(attempts, answers, strict=True))
-    label = "Task-tuning + confidence router"
-    result = scored_router(ctx, "confidence_router", label, scores[0], scores[1])
-    result.extra["router/answers_differing"] = float(differing)
-    return result
+    train, test = (
+        np.array([doubt(info) for info in tuned_local(ctx, split, ids)])
+        for split, ids in (("train", router_train_ids(ctx)), (ctx.run.evaluate.split, ctx.prompt_ids))
+    )
+    return scored_router(ctx, "confidence_router", "Task-tuning + confidence router", train, test)
