@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -111,3 +112,36 @@ def test_trace_is_part_of_the_cache_key_only_when_on():
     assert "trace" not in tiny_arith.tiny_arith_spec(base, TASK)["recipe"]
     assert tiny_arith.tiny_arith_spec(traced, TASK)["recipe"]["trace"] is True
     assert tiny_arith.tiny_arith_dir(base, TASK) != tiny_arith.tiny_arith_dir(traced, TASK)
+
+
+def test_hidden_cpu_preset_composes_for_any_seeds_and_leaves_room_for_trace_and_marker():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from agents.baselines import METHODS
+    from agents.registry import register_configs, to_objects
+    from collab_env.models import load_tokenizer
+
+    register_configs()
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        cfg = compose(config_name="evaluate", overrides=["experiment=hidden_cpu", "seed=7", "task.seed=11"])
+    run = to_objects(cfg)
+    assert (run.seed, run.task.seed, run.task.name) == (7, 11, "running_total")
+    assert run.device.recipe["trace"] is True and run.device.recipe["levels"] is None
+    assert set(run.evaluate.methods) <= set(METHODS)
+    assert {"gapg", "probe_router", "confidence_router", "oracle_router", "da_grpo"} <= set(
+        run.evaluate.methods
+    )
+    task = make_task(dataclasses.replace(run.task, num_train=200, num_test=200))
+    tokenizer = load_tokenizer(run.device)
+    longest = max(
+        len(
+            tokenizer.encode(
+                f"<think>{' '.join(task.worked_steps(p))} {HELP_MARKER}", add_special_tokens=False
+            )
+        )
+        for p in task.problems("test")
+    )
+    assert longest < run.env.max_new_tokens
