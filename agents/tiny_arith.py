@@ -39,7 +39,7 @@ from collab_env.config import DeviceConfig, TaskConfig, check_range, coerce
 from collab_env.errors import ConfigError, unknown_name
 from collab_env.models import load_tokenizer, tiny_llama_config
 from collab_env.paths import cache_dir, note
-from collab_env.tasks import HELP_MARKER, TEMPLATES
+from collab_env.tasks import HELP_MARKER, TEMPLATES, Problem, Task, make_task
 
 BUILD_VERSION = 3
 """Part of the cache key of built models: bump it when a change here changes what a recipe builds."""
@@ -64,6 +64,11 @@ class TinyArithRecipe:
     Templates without the help option (plain) get no markers."""
     seed: int = 0
     """Seed of the example draws (the initial weights use device.seed)."""
+    train_prompts: int | None = None
+    """Generated training prompts to learn from (None: the task's own training split). A task whose
+    question space is large needs more than its split: on running_total, tiny-reason memorised 4,800
+    prompts (training loss 0.001, 1% right on held-out prompts). The pool is the task generated with
+    this many training prompts, less every question of the task's own test and validation splits."""
     trace: bool = False
     """Learn the task's worked steps (Template I with a trace, `<think>37+48=85 ...</think>`) before the
     answer, and put the marker after a random number of steps: a device that reasons, then decides
@@ -87,14 +92,19 @@ class TinyArithRecipe:
         if self.lr <= 0:
             raise ConfigError(f"device.recipe.lr={self.lr} must be positive.")
         check_range("device.recipe.marker_fraction", self.marker_fraction, 0.0, 1.0)
+        if self.train_prompts is not None and self.train_prompts < 1:
+            raise ConfigError(
+                f"device.recipe.train_prompts={self.train_prompts} must be at least 1 (or null)."
+            )
 
 
 def tiny_arith_spec(device: DeviceConfig, task: TaskConfig) -> dict[str, Any]:
     """Everything a built tiny-arith model depends on; its hash names the cache directory."""
     recipe = coerce(TinyArithRecipe, device.recipe, "device.recipe")
     settings = dataclasses.asdict(recipe)
-    if not recipe.trace:
-        del settings["trace"]  # models built before the field existed keep their cache key
+    for name in ("trace", "train_prompts"):
+        if not settings[name]:
+            del settings[name]  # models built before the field existed keep their cache key
     return {
         "version": BUILD_VERSION,
         "recipe": settings,
@@ -144,11 +154,14 @@ def build_tiny_arith(device: DeviceConfig, task: TaskConfig, target: Path) -> di
     recipe = coerce(TinyArithRecipe, device.recipe, "device.recipe")
     started, cpu_started = time.perf_counter(), time.process_time()
     tokenizer_device = DeviceConfig(name="smollm2")  # SmolLM2's tokenizer keeps the env's defaults
+    pool = task if recipe.train_prompts is None else dataclasses.replace(task, num_train=recipe.train_prompts)
     envs = [
-        prompt_env(dataclasses.replace(task, template=name), tokenizer_device)
+        prompt_env(dataclasses.replace(pool, template=name), tokenizer_device)
         for name in _templates(task, recipe)
     ]
     problems = training_problems(envs[0].unwrapped.task, recipe.levels, "device.recipe.levels")
+    if recipe.train_prompts is not None:
+        problems = _without_held_out(problems, make_task(task))
     data = TemplateMix([SupervisedData(env, problems, recipe.marker_fraction, recipe.trace) for env in envs])
     tokenizer = load_tokenizer(tokenizer_device)
     vocabulary = CompactVocabulary.of(data.token_ids(), data.vocab_size)
@@ -187,6 +200,12 @@ def build_tiny_arith(device: DeviceConfig, task: TaskConfig, target: Path) -> di
         env.close()
     note(f"built tiny-arith in {record['build']['seconds']:.0f} s, final loss {losses[-1]:.3f}")
     return record
+
+
+def _without_held_out(problems: list[Problem], task: Task) -> list[Problem]:
+    """`problems` less every question of `task`'s test and validation splits."""
+    held_out = {task.equivalence_key(p) for split in ("test", "validation") for p in task.problems(split)}
+    return [p for p in problems if task.equivalence_key(p) not in held_out]
 
 
 def _publish(tmp: Path, final: Path) -> None:

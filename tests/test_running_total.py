@@ -145,3 +145,16 @@ def test_hidden_cpu_preset_composes_for_any_seeds_and_leaves_room_for_trace_and_
         for p in task.problems("test")
     )
     assert longest < run.env.max_new_tokens
+
+
+def test_a_larger_training_pool_keeps_the_held_out_questions_out():
+    task = make_task(TASK)
+    pool = make_task(dataclasses.replace(TASK, num_train=900))
+    kept = tiny_arith._without_held_out(pool.problems("train") + pool.problems("validation"), task)
+    held_out = {p.question for split in ("test", "validation") for p in task.problems(split)}
+    assert kept and not {p.question for p in kept} & held_out
+    assert len(kept) >= len(pool.problems("train")) - len(task.problems("validation"))
+    with pytest.raises(ConfigError, match="device.recipe.train_prompts=0"):
+        tiny_arith.tiny_arith_spec(DeviceConfig(name="tiny-arith", recipe={"train_prompts": 0}), TASK)
+    pooled = DeviceConfig(name="tiny-arith", recipe={"levels": None, "train_prompts": 900})
+    assert tiny_arith.tiny_arith_spec(pooled, TASK)["recipe"]["train_prompts"] == 900
