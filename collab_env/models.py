@@ -42,12 +42,9 @@ def smollm2_tokenizer_dir() -> Path:
         return full
     target = cache_dir() / "models" / "smollm2-135m-instruct-tokenizer"
     if not (target / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        note(f"extracting the SmolLM2 tokenizer from its GGUF file into {target} (once, ~15 s)")
-        tokenizer = AutoTokenizer.from_pretrained(str(_smollm2_gguf_folder()), gguf_file=SMOLLM2_GGUF)
+        note(f"extracting the SmolLM2 tokenizer from its GGUF file into {target} (once, ~5 s)")
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        tokenizer.save_pretrained(tmp)
+        _smollm2_gguf_tokenizer().save_pretrained(tmp)
         publish_dir(tmp, target)
     return target
 
@@ -58,23 +55,60 @@ def smollm2_model_dir() -> Path:
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         _drop_quantization_entry(target / "config.json")  # directories converted by earlier versions
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    note(f"converting the embedded SmolLM2-135M-Instruct (GGUF) into {target} (once, ~30 s)")
-    folder = str(_smollm2_gguf_folder())
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    # save_pretrained refuses a model loaded from GGUF: rebuild it from its config first.
-    model = AutoModelForCausalLM.from_config(loaded.config)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
+    note(f"converting the embedded SmolLM2-135M-Instruct (GGUF) into {target} (once, ~10 s)")
+    model = _gguf_llama(str(_smollm2_gguf_folder() / SMOLLM2_GGUF))
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _drop_quantization_entry(tmp / "config.json")
+    _smollm2_gguf_tokenizer().save_pretrained(tmp)
     publish_dir(tmp, target)
     note("conversion done")
     return target
+
+
+def _smollm2_gguf_tokenizer() -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    # The class AutoTokenizer picks, named directly: AutoTokenizer would also parse the whole file
+    # with the slow GGUF reader for the model's config (~5 s).
+    return PreTrainedTokenizerFast.from_pretrained(str(_smollm2_gguf_folder()), gguf_file=SMOLLM2_GGUF)
+
+
+def _gguf_llama(path: str) -> Any:
+    """The LLaMA model of a GGUF file, dequantized, to be saved (its rotary buffers stay on the meta
+    device): the weights `from_pretrained(gguf_file=...)` loads, exactly, in one pass over the file
+    (that parses it twice with the slow reader and maps tensor names once per module)."""
+    import numpy as np
+    import torch
+    from gguf import MODEL_ARCH, dequantize, get_tensor_name_map
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.integrations.gguf import GgufHeader, read_gguf_metadata
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    metadata, tensor_names = read_gguf_metadata(path)  # fast: string arrays are skipped
+    settings = {"tie_word_embeddings": "output.weight" not in tensor_names}
+    for key, value in metadata.items():  # transformers' own renaming of llama.cpp's keys
+        prefix, _, name = key.partition(".")
+        if (setting := GGUF_CONFIG_MAPPING.get(prefix, {}).get(name)) and setting != "model_type":
+            settings[setting] = value
+    config = LlamaConfig(**settings)
+    with torch.device("meta"):  # no random initialization: every weight comes from the file
+        model = LlamaForCausalLM(config)
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    hf_name = {names.get_name(name, try_suffixes=(".weight", ".bias")): name for name in model.state_dict()}
+    processor = LlamaTensorProcessor(config.to_dict())  # undoes llama.cpp's permutation of q and k
+    header = GgufHeader.from_file(path)
+    blob = np.memmap(path, mode="r", dtype=np.uint8)
+    weights = {}
+    for info in header.tensors:
+        start = header.data_start + info.offset
+        # As gguf's reader shapes a tensor: one row of bytes per row of values.
+        rows = blob[start : start + info.nbytes].reshape(*info.shape[:-1], -1)
+        values = processor.process(dequantize(rows, info.ggml_type), info.name).weights
+        weights[hf_name[info.name]] = torch.from_numpy(values.copy())
+    model.load_state_dict(weights, strict=False, assign=True)  # lm_head is the embedding, tied next
+    model.tie_weights()
+    return model
 
 
 def _drop_quantization_entry(config_path: Path) -> None:
