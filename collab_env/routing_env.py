@@ -143,11 +143,11 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     the device model only when nothing of this configuration is cached yet (a missing model then fails
     at once) and otherwise when a prompt first needs it; it is dropped once every prompt is ready.
     `precompute()` does the full pass up front. `features="ngrams"` needs no model and is computed at
-    once. Measured on an idle 2-core CPU with an empty cache (`DEVICECLOUD_CACHE` a fresh directory),
-    `gym.make("DeviceCloudRouting-v0")` with no arguments takes 40-46 s, mostly converting SmolLM2
-    from GGUF once (15 s once converted), the first `reset()` 19 s (SmolLM2's first 16 answers of 64
-    tokens, and MiniLM), 10 steps ~0 s: ~60 s in all, 36 s with SmolLM2 already converted, 3-5 s
-    once cached; 2.5-4.5 min when other jobs share the cores. Later misses: ~15 s per 16 prompts.
+    once. On a 2-core CPU with an empty cache (`DEVICECLOUD_CACHE` a fresh directory) and another job
+    on one core, `gym.make("DeviceCloudRouting-v0")` with no arguments takes 10-15 s (~10 s converting
+    SmolLM2 from GGUF, once), the first `reset()` 23 s with `OMP_NUM_THREADS=1` (SmolLM2's first 16
+    answers of 64 tokens, and MiniLM), 10 steps ~0 s: 35 s in all, 2-3 s once cached. With torch's
+    default two threads on the shared cores that reset took 2-5 min. Later misses: ~15 s per 16 prompts.
 
     The device's answers are cached by the device model's identity (settings, and file sizes and
     times of a model directory), the task's settings (template included), `max_new_tokens` and
