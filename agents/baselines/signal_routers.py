@@ -29,6 +29,7 @@ that of the answer routed.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -128,12 +129,8 @@ def prompt_hidden_states(ctx: EvalContext, split: str, prompt_ids: list[int]) ->
 def probe_router(ctx: EvalContext) -> MethodResult:
     """Task-tuning + a logistic-regression probe on the device's own hidden state of the prompt."""
 
-    def featurize(split: str, prompt_ids: list[int]) -> np.ndarray:
-        return prompt_hidden_states(ctx, split, prompt_ids)
-
-    def probe(train_x: np.ndarray, labels: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return logistic_scores(train_x, labels, test_x, standardize=True)
-
+    featurize = functools.partial(prompt_hidden_states, ctx)
+    probe = functools.partial(logistic_scores, standardize=True)
     label = "Task-tuning + hidden-state probe router"
     return classifier_router(ctx, "probe_router", label, featurize, probe)
 
