@@ -143,11 +143,12 @@ class DeviceCloudRoutingEnv(gym.Env[np.ndarray, int]):
     the device model only when nothing of this configuration is cached yet (a missing model then fails
     at once) and otherwise when a prompt first needs it; it is dropped once every prompt is ready.
     `precompute()` does the full pass up front. `features="ngrams"` needs no model and is computed at
-    once. On a 2-core CPU with an empty cache (`DEVICECLOUD_CACHE` a fresh directory) and another job
-    on one core, `gym.make("DeviceCloudRouting-v0")` with no arguments takes 10-15 s (~10 s converting
-    SmolLM2 from GGUF, once), the first `reset()` 23 s with `OMP_NUM_THREADS=1` (SmolLM2's first 16
-    answers of 64 tokens, and MiniLM), 10 steps ~0 s: 35 s in all, 2-3 s once cached. With torch's
-    default two threads on the shared cores that reset took 2-5 min. Later misses: ~15 s per 16 prompts.
+    once. On an idle 2-core CPU with an empty cache (`DEVICECLOUD_CACHE` a fresh directory) and torch's
+    default threads, `gym.make("DeviceCloudRouting-v0")` with no arguments takes 8-10 s (~8-9 s converting
+    SmolLM2 from GGUF, once), the first `reset()` 15-16 s (SmolLM2's first 16 answers of 64 tokens, and
+    MiniLM), 10 steps ~0 s: 23-26 s in all, 2-3 s once cached. With another job on one core: 35 s with
+    `OMP_NUM_THREADS=1`, but 2-5 min with torch's default two threads on the shared cores. Later
+    misses: ~15 s per 16 prompts.
 
     The device's answers are cached by the device model's identity (settings, and file sizes and
     times of a model directory), the task's settings (template included), `max_new_tokens` and
