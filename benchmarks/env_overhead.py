@@ -13,18 +13,21 @@ rules on, sampling at temperature 1.0), with every part timed where it is called
 - policy: its forward passes (prefill and one per decoded token), sampling, and cache compaction;
 - other: the rest of the rollout (batching, host copies, padding the batch).
 Rounds after a warm-up round are summed; the share is of the rollout's wall time (target: < 5%).
+
+The JSON (benchmarks/results/env_overhead-<model>-<UTC start>.json unless --json or --no-save) holds
+the run's setting (benchmarks.common.run_setting, and the load at the end), every timed round's wall
+time, completion tokens, env share and seconds per part, the median/min/max of the env share over
+the rounds, and the summed figures of the table.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -35,8 +38,10 @@ from agents.rollout import hf
 from benchmarks.common import (
     benchmark_parser,
     benchmark_policy,
+    prompt_ids,
+    save_results,
+    spread,
     timed,
-    train_prompt_ids,
 )
 from collab_env import decoding
 
@@ -79,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up round)")
     args = parser.parse_args(argv)
 
-    device, policy, device_config, info = benchmark_policy(args, "env overhead benchmark")
+    device, policy, device_config, setting = benchmark_policy(
+        args, argv, "env_overhead", "env overhead benchmark"
+    )
     model = policy.model
     env = gym.make(
         "DeviceCloud-v0",
@@ -102,9 +109,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         *[(module, "sample_tokens", POLICY_PARTS[1]) for module in (hf, decoding)],
         (hf._KVCache, "select", POLICY_PARTS[2]),
     ]
-    ids = train_prompt_ids(env, args.prompts * (args.repeats + 1))
+    ids = prompt_ids(env, args.prompts * (args.repeats + 1))
     seconds: dict[str, float] = defaultdict(float)
-    total, tokens = 0.0, 0
+    rounds: list[dict[str, Any]] = []
     for round_index in range(args.repeats + 1):
         # Fresh prompts every round: the simulated cloud and the prompt cache see each prompt once.
         batch = ids[round_index * args.prompts : (round_index + 1) * args.prompts]
@@ -116,16 +123,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"   round {round_index}{' (warm-up)' if round_index == 0 else ''}: {wall:.1f} s, env {env_share:.2%}"
         )
         if round_index:
-            total += wall
-            tokens += int(rollout.completion_mask.sum())
+            rounds.append(
+                {
+                    "wall_s": wall,
+                    "completion_tokens": int(rollout.completion_mask.sum()),
+                    "env_share": env_share,
+                    "seconds": parts,
+                }
+            )
             for part, value in parts.items():
                 seconds[part] += value
 
+    total = sum(r["wall_s"] for r in rounds)
+    tokens = sum(r["completion_tokens"] for r in rounds)
     env_seconds = sum(seconds[p] for p in ENV_PARTS)
     forward = seconds[POLICY_PARTS[0]]
     seconds["other"] = total - env_seconds - sum(seconds[p] for p in POLICY_PARTS)
     results = {
-        "info": info,
+        "setting": setting,
+        "rounds": rounds,
+        "env_share_spread": spread([r["env_share"] for r in rounds]),
         "seconds": dict(seconds),
         "rollout_s": total,
         "completion_tokens": tokens,
@@ -133,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "env_over_forward": env_seconds / forward,
     }
     print(
-        f"\n{info['model']} ({info['dtype']}, {device}, {info['threads']} threads): {args.prompts} prompts x "
+        f"\n{setting['model']} ({setting['dtype']}, {device}, {setting['threads']} threads): {args.prompts} prompts x "
         f"G={args.group_size}, <= {args.new_tokens} new tokens, stop rules on; {args.repeats} rounds, "
         f"{tokens} completion tokens in {total:.1f} s ({tokens / total:.1f} tok/s)"
     )
@@ -143,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| {part} | {seconds[part]:.4f} | {seconds[part] / total:.2%} |")
     print(f"| **env total** | {env_seconds:.4f} | **{env_seconds / total:.2%}** |")
     print(f"env time is {env_seconds / forward:.2%} of the policy's forward time (target: env share < 5%)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    save_results(f"env_overhead-{args.model}", results, args)
     return results
 
 

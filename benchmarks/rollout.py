@@ -1,25 +1,46 @@
 """Completion tokens per second: our `hf` rollout backend against transformers `generate` and vLLM.
 
-    python -m benchmarks.rollout                       # SmolLM2-135M, batch 32 and 128, 64 new tokens
+    python -m benchmarks.rollout                       # --workload train: SmolLM2-135M, G=8, batch 32 and 128
+    python -m benchmarks.rollout --workload eval       # SmolLM2-135M, G=1, batch 32 and 128
+    python -m benchmarks.rollout --workload main-job   # tiny-arith, 16 tokens, 16 prompts x 8 and 256 x 1
     python -m benchmarks.rollout --threads 1 --repeats 3
     python -m benchmarks.rollout --model qwen2.5-1.5b-random --device cuda --batches 64 256
 
-A batch of B sequences is B/G training prompts x G samples (G=8, as in training), 64 new tokens
-forced (stop rules and EOS off), temperature 1.0, top-p 1.0, no top-k, in the dtype the project
-picks (bf16 only where native). The engines run interleaved, round after round, in one process
-(vLLM in a subprocess of its own virtual environment, engine kept up between rounds), so the
-machine's load hits them alike; ratios are per round, then the median.
+Workloads (issue 19's a, b and c), each a model, a number of forced new tokens and its batches:
+- `train`: SmolLM2-135M, 64 new tokens, batches of 32 and 128 rows at G=8, as GAPG trains;
+- `eval`: SmolLM2-135M, 64 new tokens, batches of 32 and 128 rows at G=1, as evaluation decodes;
+- `main-job`: the main CPU experiment's own device (configs/experiment/arithmetic_cpu.yaml: the
+  tiny-arith model, from the cache, and the env settings of that experiment), 16 new tokens, its
+  training batch (16 prompts x G=8, 128 rows) and its evaluation batch (evaluate.max_batch, 256 rows
+  at G=1).
+--model, --group-size, --batches and --new-tokens override the workload's values (--batches on
+main-job, whose batches differ in G, needs --group-size too).
+
+A batch of B rows at G>1 is B/G training prompts x G samples; at G=1 it is B distinct held-out
+(test split) prompts. The prompts carry the chat template and instructions as the environment
+writes them. New tokens are forced (stop rules and EOS off), temperature 1.0, top-p 1.0, no top-k,
+in the model's configured dtype (tiny-arith float32; the others auto: bf16 only where native). The
+engines run interleaved, round after round, in one process (vLLM in a subprocess of its own virtual
+environment, engine kept up between rounds), so the machine's load hits them alike; ratios are per
+round. The table gives the median and [min-max] over the rounds (5 by default).
+
+The JSON (benchmarks/results/rollout-<workload>-<UTC start>.json unless --json or --no-save) holds
+the run's setting (benchmarks.common.run_setting, and the load at the end), the resolved workload,
+and per batch its rows, G, split and every row's prompt id, and per engine every round's tokens/s,
+every round's ratio of ours to it, the median/min/max of both, and MFU on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,19 +52,46 @@ import collab_env  # noqa: F401  (registers DeviceCloud-v0)
 from agents.config import RolloutConfig
 from agents.policy import Policy
 from agents.rollout.hf import HFRollout
+from agents.runs import make_env
 from benchmarks.common import (
+    REPO,
     benchmark_parser,
     benchmark_policy,
+    experiment_run,
     forward_flops_per_token,
-    median,
     peak_flops,
+    prompt_ids,
+    save_results,
+    spread,
     timed,
-    train_prompt_ids,
 )
 from collab_env.cloud.vllm_engine import hf_overrides
+from collab_env.config import DeviceConfig
 from collab_env.decoding import DecodeRequest, decode_dynamic
 
-REPO = Path(__file__).resolve().parents[1]
+WARMUP_ROWS = 16
+"""Rows each engine decodes before a batch's timed rounds (allocator, kernels, vLLM's first batch)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run decodes: a model, the forced new tokens and its batches."""
+
+    model: str
+    new_tokens: int
+    batches: tuple[tuple[int, int], ...]
+    """(rows, G) of each batch."""
+    experiment: str | None = None
+    """The experiment (configs/experiment/) whose env settings make the prompts; None: the env's defaults."""
+
+
+WORKLOADS = {
+    "train": Workload("smollm2", 64, ((32, 8), (128, 8))),
+    "eval": Workload("smollm2", 64, ((32, 1), (128, 1))),
+    # arithmetic_cpu's env.max_new_tokens, train.prompts_per_step x train.group_size and evaluate.max_batch
+    # (tests/test_benchmarks.py checks them against the config).
+    "main-job": Workload("tiny-arith", 16, ((128, 8), (256, 1)), "arithmetic_cpu"),
+}
 
 
 class VLLMWorker:
@@ -166,20 +214,66 @@ def engines(
     return runs
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def resolve_workload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[int, int]]:
+    """Fill in args.model and args.new_tokens from the workload unless given; the (rows, G) of every batch."""
+    workload = WORKLOADS[args.workload]
+    args.model = args.model or workload.model
+    args.new_tokens = workload.new_tokens if args.new_tokens is None else args.new_tokens
+    batches = list(workload.batches)
+    if args.batches is not None:
+        if args.group_size is None and len({g for _, g in batches}) > 1:
+            parser.error(f"--workload {args.workload} mixes group sizes: give --group-size with --batches")
+        batches = [(rows, batches[0][1]) for rows in args.batches]
+    if args.group_size is not None:
+        batches = [(rows, args.group_size) for rows, _ in batches]
+    for rows, group_size in batches:
+        if rows % group_size:
+            parser.error(f"a batch of {rows} rows is no whole number of groups of G={group_size}")
+    return batches
+
+
+def batch_split(group_size: int) -> str:
+    """Where a batch's prompts come from: training prompts in groups, or held-out ones at G=1 as
+    evaluation decodes them."""
+    return "train" if group_size > 1 else "test"
+
+
+def row_prompt_ids(env: gym.Env, rows: int, group_size: int) -> list[int]:
+    """The prompt id of every row: rows/G prompts of the batch's split, each G times in a row."""
+    ids = prompt_ids(env, rows // group_size, batch_split(group_size))
+    return [pid for pid in ids for _ in range(group_size)]
+
+
+def make_bench_env(experiment: str | None, device_config: DeviceConfig) -> gym.Env:
+    """DeviceCloud-v0 on `device_config` with an experiment's settings, or the env's defaults."""
+    if experiment is None:
+        return gym.make(
+            "DeviceCloud-v0", device=device_config, cloud={"name": "simulated", "cache_path": ":memory:"}
+        )
+    return make_env(dataclasses.replace(experiment_run(experiment), device=device_config))
+
+
+def rollout_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per batch size")
+    parser.add_argument("--workload", default="train", choices=list(WORKLOADS))
+    parser.add_argument("--batches", type=int, nargs="+", help="rows per batch (default: the workload's)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per batch size")
     parser.add_argument("--generic", action="store_true", help="also time our generic (DynamicCache) path")
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--no-vllm", action="store_true")
-    args = parser.parse_args(argv)
+    # None: the workload's value.
+    parser.set_defaults(model=None, group_size=None, new_tokens=None)
+    return parser
 
-    device, policy, device_config, info = benchmark_policy(args, "rollout benchmark")
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = rollout_parser()
+    args = parser.parse_args(argv)
+    batches = resolve_workload(args, parser)
+
+    device, policy, device_config, setting = benchmark_policy(args, argv, "rollout", "rollout benchmark")
     model = policy.model
-    env = gym.make(
-        "DeviceCloud-v0", device=device_config, cloud={"name": "simulated", "cache_path": ":memory:"}
-    )
+    env = make_bench_env(WORKLOADS[args.workload].experiment, device_config)
 
     worker = None
     log_path = Path(tempfile.gettempdir()) / "devicecloud-bench-vllm.log"
@@ -203,28 +297,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"vllm: skipped (the engine did not start: {err}; log: {log_path})")
     runs = engines(policy, env, args.new_tokens, device, args.generic, worker)
 
-    results: dict[str, Any] = {"info": info, "batches": {}}
+    results: dict[str, Any] = {
+        "setting": setting,
+        "workload": {
+            "name": args.workload,
+            "model": args.model,
+            "new_tokens": args.new_tokens,
+            "batches": batches,
+            "repeats": args.repeats,
+        },
+        "batches": [],
+    }
     try:
-        for batch in args.batches:
-            ids = train_prompt_ids(env, batch // args.group_size)
-            prompts = [env.unwrapped.prompt_tokens(pid) for pid in ids for _ in range(args.group_size)]
-            for run in runs.values():  # warm-up: allocator, kernels, vLLM's first batch
-                run(prompts[: args.group_size * 2])
+        for rows, group_size in batches:
+            ids = row_prompt_ids(env, rows, group_size)
+            prompts = [env.unwrapped.prompt_tokens(pid) for pid in ids]
+            for run in runs.values():
+                run(prompts[:WARMUP_ROWS])
             rounds: dict[str, list[float]] = {name: [] for name in runs}
             for round_index in range(args.repeats):
                 for name, run in runs.items():
                     seconds, tokens = run(prompts)
                     rounds[name].append(tokens / seconds)
                     print(
-                        f"   batch {batch} round {round_index + 1}: {name:<24} {tokens / seconds:8.1f} tok/s"
+                        f"   batch {rows} (G={group_size}) round {round_index + 1}: "
+                        f"{name:<24} {tokens / seconds:8.1f} tok/s"
                     )
-            results["batches"][batch] = summarize(rounds, model, prompts, args.new_tokens, device)
+            results["batches"].append(
+                {
+                    "rows": rows,
+                    "group_size": group_size,
+                    "split": batch_split(group_size),
+                    "row_prompt_ids": ids,
+                    "engines": summarize(rounds, model, prompts, args.new_tokens, device),
+                }
+            )
     finally:
         if worker is not None:
             worker.close()
-    print_table(results, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    print_table(results)
+    save_results(f"rollout-{args.workload}", results, args)
     return results
 
 
@@ -235,34 +347,44 @@ def summarize(
     new_tokens: int,
     device: str,
 ) -> dict[str, Any]:
-    """Median tokens/s per engine, our median per-round ratio to each peer, and MFU on a GPU."""
+    """Per engine: every round's tokens/s and their median/min/max, every round's ratio of ours to it
+    and their median/min/max, and the MFU of the median on a GPU."""
     ours = rounds["ours (hf)"]
-    summary: dict[str, Any] = {name: {"tok_s": median(values)} for name, values in rounds.items()}
+    summary: dict[str, Any] = {}
     for name, values in rounds.items():
+        summary[name] = {"tok_s_rounds": values, "tok_s": spread(values)}
         if name != "ours (hf)":
-            summary[name]["ours_over"] = median([a / b for a, b in zip(ours, values, strict=True)])
+            ratios = [a / b for a, b in zip(ours, values, strict=True)]
+            summary[name] |= {"ours_over_rounds": ratios, "ours_over": spread(ratios)}
     peak = peak_flops(device)
     if peak:
         context = int(np.mean([len(p) for p in prompts])) + new_tokens // 2
         flops = forward_flops_per_token(model, context)
         for values in summary.values():
-            values["mfu"] = values["tok_s"] * flops / peak
+            values["mfu"] = values["tok_s"]["median"] * flops / peak
     return summary
 
 
-def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
-    info = results["info"]
+def print_table(results: dict[str, Any]) -> None:
+    setting, workload = results["setting"], results["workload"]
     print(
-        f"\n{info['model']} ({info['dtype']}, {info['device']}, {info['threads']} threads), "
-        f"{args.new_tokens} forced new tokens, prompts x G={args.group_size}, median of {args.repeats} rounds"
+        f"\n{setting['model']} ({setting['dtype']}, {setting['device']}, {setting['threads']} threads), "
+        f"workload {workload['name']}: {workload['new_tokens']} forced new tokens; "
+        f"median [min-max] of {workload['repeats']} rounds"
     )
-    print(f"| engine | batch | tokens/s | ours / engine |{' MFU |' if 'gpu' in info else ''}")
-    print(f"|---|---|---|---|{'---|' if 'gpu' in info else ''}")
-    for batch, summary in results["batches"].items():
-        for name, values in summary.items():
-            ratio = f"{values['ours_over']:.2f}x" if "ours_over" in values else "-"
+    gpu = "gpu" in setting
+    print(f"| engine | batch | G | tokens/s | ours / engine |{' MFU |' if gpu else ''}")
+    print(f"|---|---|---|---|---|{'---|' if gpu else ''}")
+    for batch in results["batches"]:
+        for name, values in batch["engines"].items():
+            tok_s = values["tok_s"]
+            speed = f"{tok_s['median']:.1f} [{tok_s['min']:.1f}-{tok_s['max']:.1f}]"
+            ratio = "-"
+            if "ours_over" in values:
+                over = values["ours_over"]
+                ratio = f"{over['median']:.2f}x [{over['min']:.2f}-{over['max']:.2f}]"
             mfu = f" {values['mfu']:.1%} |" if "mfu" in values else ""
-            print(f"| {name} | {batch} | {values['tok_s']:.1f} | {ratio} |{mfu}")
+            print(f"| {name} | {batch['rows']} | {batch['group_size']} | {speed} | {ratio} |{mfu}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ TRL's at EOS: both completion lengths are printed, and tokens/s next to samples/
 
 Each engine runs in a subprocess of its own (`--only ours|trl`), one after the other, so peak RSS
 is its own; steps after the first are reported (the first pays for allocation and warm-up).
+
+The JSON (benchmarks/results/train_step-<model>-<UTC start>.json unless --json or --no-save) holds
+the run's setting (benchmarks.common.run_setting, and the load at the end) and per engine the table's
+figures, the median/min/max seconds of the reported steps, and every step's seconds, completion
+tokens and prompt tokens, the first step included.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,12 +40,14 @@ from benchmarks.common import (
     device_config,
     forward_flops_per_token,
     load_policy_model,
-    machine_info,
     median,
     peak_flops,
     pick_device,
     print_header,
+    run_setting,
+    save_results,
     set_threads,
+    spread,
 )
 
 RESULT = "@@train_step "
@@ -254,7 +260,8 @@ def child(args: argparse.Namespace) -> None:
 
 
 def summarize(name: str, result: dict[str, Any], args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """Seconds per step (median after the first), samples/s, completion tokens/s, memory, MFU."""
+    """Seconds per step (median after the first, and its min and max), samples/s, completion tokens/s,
+    memory, MFU, and every step's raw figures."""
     timed = result["seconds"][1:] or result["seconds"]
     tokens = result["completion_tokens"][1:] or result["completion_tokens"]
     prompts = result["prompt_tokens"][1:] or result["prompt_tokens"]
@@ -267,6 +274,8 @@ def summarize(name: str, result: dict[str, Any], args: argparse.Namespace, devic
         "completion_tokens_per_s": median([t / s for t, s in zip(tokens, timed, strict=True)]),
         "mean_completion_tokens": median(tokens) / samples,
         "peak_memory_gib": result["peak_memory_bytes"] / 2**30,
+        "s_per_step_spread": spread(timed),
+        "steps": {key: result[key] for key in ("seconds", "completion_tokens", "prompt_tokens")},
     }
     peak = peak_flops(device)
     if peak:
@@ -291,14 +300,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     device = pick_device(args.device)
     set_threads(args.threads)
-    info = machine_info(device) | {"model": args.model, "device": device}
-    print_header("training-step benchmark", info)
+    setting = run_setting("train_step", args, argv, device, device_config(MODELS[args.model], device))
+    print_header("training-step benchmark", setting)
     passed = [
         f"--{key.replace('_', '-')}={value}"
         for key, value in vars(args).items()
-        if key not in ("only", "json")
+        if key not in ("only", "json", "no_save")
     ]
-    results: dict[str, Any] = {"info": info, "engines": []}
+    results: dict[str, Any] = {"setting": setting, "engines": []}
     for name in ("ours", "trl"):
         command = [sys.executable, "-m", "benchmarks.train_step", *passed, "--only", name]
         process = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
@@ -314,15 +323,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         results["engines"].append(summarize(name, result, args, device))
     print_table(results, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    save_results(f"train_step-{args.model}", results, args)
     return results
 
 
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
-    info, engines = results["info"], results["engines"]
+    setting, engines = results["setting"], results["engines"]
     print(
-        f"\n{info['model']} ({info['device']}, {info['threads']} threads): {args.prompts} prompts x G={args.group_size}, "
+        f"\n{setting['model']} ({setting['dtype']}, {setting['device']}, {setting['threads']} threads): "
+        f"{args.prompts} prompts x G={args.group_size}, "
         f"<= {args.new_tokens} new tokens, micro-batch {args.micro_batch}; median of steps 2..{args.steps}"
     )
     mfu = any("mfu" in e for e in engines)
