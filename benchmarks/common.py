@@ -296,6 +296,12 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": median(values), "min": min(values), "max": max(values)}
 
 
+def spread_text(values: dict[str, float], number: str = "{:.2f}", unit: str = "") -> str:
+    """A `spread` as "median [min-max]", each formatted with `number` and followed by `unit`."""
+    low, mid, high = (number.format(values[key]) + unit for key in ("min", "median", "max"))
+    return f"{mid} [{low}-{high}]"
+
+
 def prompt_ids(env: Any, count: int, split: str = "train") -> list[int]:
     """The first `count` prompts of a split of the env's task (the same for every engine)."""
     problems = env.unwrapped.task.problems(split)

@@ -63,6 +63,7 @@ from benchmarks.common import (
     prompt_ids,
     save_results,
     spread,
+    spread_text,
     timed,
 )
 from collab_env.cloud.vllm_engine import hf_overrides
@@ -378,11 +379,11 @@ def print_table(results: dict[str, Any]) -> None:
     for batch in results["batches"]:
         for name, values in batch["engines"].items():
             tok_s = values["tok_s"]
-            speed = f"{tok_s['median']:.1f} [{tok_s['min']:.1f}-{tok_s['max']:.1f}]"
+            speed = spread_text(tok_s, "{:.1f}")
             ratio = "-"
             if "ours_over" in values:
                 over = values["ours_over"]
-                ratio = f"{over['median']:.2f}x [{over['min']:.2f}-{over['max']:.2f}]"
+                ratio = spread_text(over, unit="x")
             mfu = f" {values['mfu']:.1%} |" if "mfu" in values else ""
             print(f"| {name} | {batch['rows']} | {batch['group_size']} | {speed} | {ratio} |{mfu}")
 

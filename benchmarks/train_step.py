@@ -1,19 +1,23 @@
 """One GAPG training step against TRL's GRPOTrainer configured to the same work.
 
     python -m benchmarks.train_step                     # SmolLM2-135M, 8 prompts x G=8, 64 new tokens
-    python -m benchmarks.train_step --steps 3 --threads 1
+    python -m benchmarks.train_step --steps 3 --rounds 3
     python -m benchmarks.train_step --model qwen2.5-1.5b-random --device cuda
 
 Same model and dtype, the same 8 training prompts per step (chat template and instructions as
 the environment writes them), 8 completions each, at most 64 new tokens, temperature 1.0, full
 fine-tuning with AdamW at the same learning rate, betas, weight decay and clipping, micro-batches of
 16 sequences, no gradient checkpointing, no vLLM, rewards from the environment's own scorer. GAPG
-runs with its prompt filter off, so it learns from all 64 completions as GRPO does. Our rollout
-ends a completion at the environment's stop rules (EOS, the call-for-help marker, `</answer>`),
-TRL's at EOS: both completion lengths are printed, and tokens/s next to samples/s.
+runs with its prompt filter off, so it learns from all 64 completions as GRPO does. Equal work
+where TRL would otherwise do more: our rollout ends a completion at the environment's stop rules
+(EOS, the call-for-help marker, `</answer>`), and TRL gets the same stops as `stop_strings`; TRL
+computes every token's entropy only to log it, and here skips it as our step does. Both completion
+lengths are printed, and tokens/s next to samples/s.
 
-Each engine runs in a subprocess of its own (`--only ours|trl`), one after the other, so peak RSS
-is its own; steps after the first are reported (the first pays for allocation and warm-up).
+Each engine runs in a subprocess of its own (`--only ours|trl`), so peak RSS is its own, `--rounds`
+times, alternating ours and TRL so that a change of load hits both; of each run the steps after the
+first are reported (the first pays for allocation and warm-up). The ratios are TRL / ours per round
+(per step and per completion token), then their median, min and max.
 
 The JSON (benchmarks/results/train_step-<model>-<UTC start>.json unless --json or --no-save) holds
 the run's setting (benchmarks.common.run_setting, and the load at the end) and per engine the table's
@@ -24,6 +28,7 @@ tokens and prompt tokens, the first step included.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -48,6 +53,7 @@ from benchmarks.common import (
     save_results,
     set_threads,
     spread,
+    spread_text,
 )
 
 RESULT = "@@train_step "
@@ -145,6 +151,7 @@ def run_trl(args: argparse.Namespace, device: str) -> dict[str, Any]:
     import gymnasium as gym
 
     import collab_env  # noqa: F401  (registers DeviceCloud-v0)
+    from collab_env.tasks.templates import HELP_MARKER
 
     model, tokenizer, model_config = load_policy_model(MODELS[args.model], device)
     env = gym.make(
@@ -160,6 +167,16 @@ def run_trl(args: argparse.Namespace, device: str) -> dict[str, Any]:
     )
 
     vocab = len(tokenizer)
+
+    class WithoutEntropy(GRPOTrainer):
+        """TRL computes every token's entropy in its loss only to log it (and to mask by it, off at the
+        default top_entropy_quantile=1); our step computes none, so for equal work TRL skips it too."""
+
+        def _get_per_token_logps_and_entropies(
+            self, *args: Any, compute_entropy: bool = False, **kwargs: Any
+        ):
+            logps, _, aux = super()._get_per_token_logps_and_entropies(*args, compute_entropy=False, **kwargs)
+            return logps, torch.zeros_like(logps) if compute_entropy else None, aux
 
     def reward(completion_ids: list[list[int]], prompt_id: list[int], **_: Any) -> list[float]:
         # A random model's embedding rows past the tokenizer (Qwen's 151936 > SmolLM2's 49152) can be
@@ -193,6 +210,11 @@ def run_trl(args: argparse.Namespace, device: str) -> dict[str, Any]:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
 
+    # Equal work: TRL's generate stops at EOS only, ours also at the end of the answer and of the
+    # call-for-help marker, so TRL gets the same stops as stop strings (transformers needs the
+    # tokenizer for them, which TRL does not pass to `generate`).
+    stop_strings = [text for text in (task.template.stop_text, HELP_MARKER.split()[-1]) if text]
+    model.generate = functools.partial(model.generate, tokenizer=tokenizer)
     bf16 = model.dtype == torch.bfloat16
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="devicecloud-trl-"),
@@ -211,6 +233,7 @@ def run_trl(args: argparse.Namespace, device: str) -> dict[str, Any]:
         temperature=1.0,
         top_p=1.0,
         top_k=0,
+        generation_kwargs={"stop_strings": stop_strings},
         gradient_checkpointing=False,
         bf16=bf16,
         use_cpu=device == "cpu",
@@ -223,7 +246,7 @@ def run_trl(args: argparse.Namespace, device: str) -> dict[str, Any]:
         dataloader_num_workers=0,
     )
     timing = Timing()
-    trainer = GRPOTrainer(
+    trainer = WithoutEntropy(
         model=model,
         reward_funcs=reward,
         args=config,
@@ -259,12 +282,17 @@ def child(args: argparse.Namespace) -> None:
     print(RESULT + json.dumps(result), flush=True)
 
 
-def summarize(name: str, result: dict[str, Any], args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """Seconds per step (median after the first, and its min and max), samples/s, completion tokens/s,
-    memory, MFU, and every step's raw figures."""
-    timed = result["seconds"][1:] or result["seconds"]
-    tokens = result["completion_tokens"][1:] or result["completion_tokens"]
-    prompts = result["prompt_tokens"][1:] or result["prompt_tokens"]
+def summarize(
+    name: str, results: list[dict[str, Any]], args: argparse.Namespace, device: str
+) -> dict[str, Any]:
+    """Over every round's child run of one engine: seconds per step (median of the steps after each
+    run's first, and their min and max), samples/s, completion tokens/s, memory, MFU, and every
+    step's raw figures."""
+
+    def reported(key: str) -> list[float]:
+        return [value for result in results for value in (result[key][1:] or result[key])]
+
+    timed, tokens, prompts = reported("seconds"), reported("completion_tokens"), reported("prompt_tokens")
     step = median(timed)
     samples = args.prompts * args.group_size
     summary = {
@@ -272,18 +300,47 @@ def summarize(name: str, result: dict[str, Any], args: argparse.Namespace, devic
         "s_per_step": step,
         "samples_per_s": samples / step,
         "completion_tokens_per_s": median([t / s for t, s in zip(tokens, timed, strict=True)]),
+        "s_per_completion_token": median([s / t for t, s in zip(tokens, timed, strict=True)]),
         "mean_completion_tokens": median(tokens) / samples,
-        "peak_memory_gib": result["peak_memory_bytes"] / 2**30,
+        "peak_memory_gib": max(result["peak_memory_bytes"] for result in results) / 2**30,
         "s_per_step_spread": spread(timed),
-        "steps": {key: result[key] for key in ("seconds", "completion_tokens", "prompt_tokens")},
+        "rounds": [
+            {key: result[key] for key in ("seconds", "completion_tokens", "prompt_tokens")}
+            for result in results
+        ],
     }
     peak = peak_flops(device)
     if peak:
         # Generation is one forward per token (prompts and completions); learning is forward + backward
         # (3 forwards) over the same tokens.
-        flops = result["flops_per_token"] * 4 * (median(tokens) + median(prompts))
+        flops = results[0]["flops_per_token"] * 4 * (median(tokens) + median(prompts))
         summary["mfu"] = flops / step / peak
     return summary
+
+
+def round_ratios(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any]:
+    """TRL / ours per round (the two ran back to back, under the same load): per step and per
+    completion token, each round's value and their median/min/max."""
+    per_step, per_token = [], []
+    for mine, theirs in zip(ours["rounds"], trl["rounds"], strict=True):
+        mine_s, theirs_s = median(mine["seconds"][1:]), median(theirs["seconds"][1:])
+        mine_t, theirs_t = median(mine["completion_tokens"][1:]), median(theirs["completion_tokens"][1:])
+        per_step.append(theirs_s / mine_s)
+        per_token.append((theirs_s / theirs_t) / (mine_s / mine_t))
+    return {"per_step": spread(per_step), "per_completion_token": spread(per_token)}
+
+
+def run_child(name: str, passed: list[str]) -> dict[str, Any]:
+    """One engine's steps in a subprocess of its own (its peak RSS is its own); its result line."""
+    command = [sys.executable, "-m", "benchmarks.train_step", *passed, "--only", name]
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
+    for line in process.stdout.splitlines():
+        if not line.startswith(RESULT):
+            print(line)
+    if process.returncode or not lines:
+        raise RuntimeError(f"the {name} run failed (exit code {process.returncode})")
+    return json.loads(lines[-1].removeprefix(RESULT))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -291,7 +348,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-6)
-    parser.add_argument("--steps", type=int, default=2, help="steps per engine; the first is not reported")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="steps per engine run; the first is not reported"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, alternating ours and TRL")
     parser.add_argument("--only", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.only:
@@ -305,23 +365,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     passed = [
         f"--{key.replace('_', '-')}={value}"
         for key, value in vars(args).items()
-        if key not in ("only", "json", "no_save")
+        if key not in ("only", "json", "no_save", "rounds")
     ]
-    results: dict[str, Any] = {"setting": setting, "engines": []}
-    for name in ("ours", "trl"):
-        command = [sys.executable, "-m", "benchmarks.train_step", *passed, "--only", name]
-        process = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-        lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
-        for line in process.stdout.splitlines():
-            if not line.startswith(RESULT):
-                print(line)
-        if process.returncode or not lines:
-            raise RuntimeError(f"the {name} run failed (exit code {process.returncode})")
-        result = json.loads(lines[-1].removeprefix(RESULT))
-        if "skipped" in result:
-            print(f"{name}: skipped ({result['skipped']})")
-            continue
-        results["engines"].append(summarize(name, result, args, device))
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+    for round_index in range(args.rounds):
+        for name in runs:
+            print(f"-- round {round_index + 1}/{args.rounds}: {name}", flush=True)
+            result = run_child(name, passed)
+            if "skipped" in result:
+                print(f"{name}: skipped ({result['skipped']})")
+            else:
+                runs[name].append(result)
+    results: dict[str, Any] = {
+        "setting": setting,
+        "engines": [summarize(name, done, args, device) for name, done in runs.items() if done],
+    }
+    if len(results["engines"]) == 2:
+        results["trl_over_ours"] = round_ratios(*results["engines"])
     print_table(results, args)
     save_results(f"train_step-{args.model}", results, args)
     return results
@@ -332,7 +392,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"\n{setting['model']} ({setting['dtype']}, {setting['device']}, {setting['threads']} threads): "
         f"{args.prompts} prompts x G={args.group_size}, "
-        f"<= {args.new_tokens} new tokens, micro-batch {args.micro_batch}; median of steps 2..{args.steps}"
+        f"<= {args.new_tokens} new tokens, micro-batch {args.micro_batch}; median of steps 2..{args.steps} of {args.rounds} runs per engine"
     )
     mfu = any("mfu" in e for e in engines)
     print(
@@ -346,8 +406,12 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
             f"| {e['mean_completion_tokens']:.1f} | {e['peak_memory_gib']:.2f} GiB |"
             + (f" {e['mfu']:.1%} |" if "mfu" in e else "")
         )
-    if len(engines) == 2:
-        print(f"ours is {engines[1]['s_per_step'] / engines[0]['s_per_step']:.2f}x faster per step than TRL")
+    if "trl_over_ours" in results:
+        ratios = results["trl_over_ours"]
+        print(
+            f"TRL / ours, median of {args.rounds} rounds [min-max]: per step {spread_text(ratios['per_step'], unit='x')}, "
+            f"per completion token {spread_text(ratios['per_completion_token'], unit='x')}"
+        )
 
 
 if __name__ == "__main__":
