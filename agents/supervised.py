@@ -29,6 +29,7 @@ from agents.config import FormatWarmupConfig
 from collab_env.config import DeviceConfig, EnvConfig, TaskConfig, coerce
 from collab_env.errors import ConfigError
 from collab_env.tasks import HELP_MARKER, Problem
+from collab_env.tasks.templates import render_help_after, render_trace
 
 _WARMUP_FRACTION = 0.05
 """Share of the steps over which the learning rate rises linearly (from-scratch training diverges
@@ -108,15 +109,13 @@ class SupervisedData:
                 "prompts: use a task that writes its steps (running_total) or device.recipe.trace=false."
             )
         self.answers = [
-            encode((f"<think>{' '.join(s)}</think>" if trace else "") + template.render_answer(p.answer))
+            encode((render_trace(s) if trace else "") + template.render_answer(p.answer))
             for p, s in zip(problems, steps, strict=True)
         ]
         # With a trace the marker comes after the first k steps, k uniform over 0..all: the help action
         # is explored at every point of the attempt, and nothing says where it pays off.
         self.markers = [
-            [encode(f"<think>{' '.join(s[:k])} {HELP_MARKER}") for k in range(len(s) + 1)]
-            if trace
-            else [encode(HELP_MARKER)]
+            [encode(render_help_after(s[:k])) for k in range(len(s) + 1)] if trace else [encode(HELP_MARKER)]
             for s in steps
         ]
         self.trace = trace

@@ -104,7 +104,13 @@ class DeviceConfig:
     seed: int = 0
     """Initialisation seed of the tiny models."""
     recipe: dict[str, Any] = field(default_factory=dict)
-    """Build recipe of locally trained models (tiny-arith); checked by agents.warmup."""
+    """Build recipe of locally trained models (tiny-arith); checked by agents.warmup. Its `trace: true`
+    also tells the env that the device writes its steps before it answers or calls (`writes_trace`)."""
+
+    @property
+    def writes_trace(self) -> bool:
+        """The device writes `<think>` steps first, so it can call for help after any step."""
+        return bool(self.recipe.get("trace", False))
 
     def __post_init__(self) -> None:
         check_choice("device.name", self.name, ("smollm2", "tiny-arith", "tiny-random", "path"))

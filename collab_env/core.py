@@ -16,10 +16,11 @@ from collab_env.budget import CloudBudget
 from collab_env.cloud import make_oracle
 from collab_env.config import SPLITS, BudgetConfig, DeviceConfig, EnvConfig, TaskConfig, coerce
 from collab_env.errors import ConfigError, IllegalActionError, PromptTooLongError
-from collab_env.markers import STOP_LENGTH, CompletionState, MarkerDetector
+from collab_env.markers import STOP_LENGTH, CompletionState, HelpBranch, MarkerDetector, help_branches
 from collab_env.models import load_tokenizer
 from collab_env.scoring import EpisodeScorer, action_space_error, integer_action
 from collab_env.tasks import Problem, make_task
+from collab_env.tasks.templates import STEP_SEPARATOR, render_trace
 
 RESET_OPTIONS = ("prompt_id", "split", "reset_budget")
 """Keys a single environment's reset() options may hold."""
@@ -109,6 +110,19 @@ class EnvCore:
                 )
             self._prompt_ids[problem.id] = ids
         return self._prompt_ids[problem.id]
+
+    def help_openings(self) -> tuple[str, ...]:
+        """What a completion may write where it could call for help instead: the answer as the template
+        renders it (with and without a leading space) or, for a device that writes its steps
+        (`device.recipe.trace`), the opening of its trace and the next step after one."""
+        answer = self.task.template.render_answer("0")
+        if self.device_config.writes_trace:
+            return (render_trace(["0"]) + answer, STEP_SEPARATOR + "0")
+        return (answer, " " + answer)
+
+    def help_branches(self) -> list[HelpBranch]:
+        """Where this env's completions branch into the marker: the branch token is the help action."""
+        return help_branches(self.tokenizer, self.help_openings())
 
     def pick(self, rng: np.random.Generator, split: str) -> Problem:
         problems = self.task.problems(split)
@@ -236,3 +250,7 @@ class CoreViews:
     @property
     def config(self) -> EnvConfig:
         return self._core.config
+
+    def help_branches(self) -> list[HelpBranch]:
+        """Where completions branch into the call-for-help marker (`EnvCore.help_branches`)."""
+        return self._core.help_branches()

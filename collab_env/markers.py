@@ -59,18 +59,20 @@ class HelpBranch:
     """Where a completion decides to call for help: after `prefix`, the token `token` starts the marker.
 
     The prefix is the part of a marker sequence that an answer opening shares (`<` with `<answer>`), so
-    the branch token is the first one that only the marker writes: its logit is the help action's."""
+    the branch token is the first one that only the marker writes: its logit is the help action's. An
+    empty prefix branches anywhere: for a device that writes a trace, ` <` after any step."""
 
     prefix: tuple[int, ...]
     token: int
 
 
-def help_branches(tokenizer: Any, answer_text: str) -> list[HelpBranch]:
-    """The branch of every marker sequence against `answer_text` (an answer as the template renders it)."""
-    openings = [tokenizer.encode(text, add_special_tokens=False) for text in (answer_text, " " + answer_text)]
+def help_branches(tokenizer: Any, openings: tuple[str, ...]) -> list[HelpBranch]:
+    """The branch of every marker sequence against the texts a completion may write instead of the
+    marker where it could call (`EnvCore.help_openings`): it leaves the opening that shares most of it."""
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in openings]
     branches = []
     for sequence in marker_sequences(tokenizer):
-        shared = max(_common_prefix(sequence, opening) for opening in openings)
+        shared = max(_common_prefix(sequence, opening) for opening in encoded)
         branches.append(HelpBranch(tuple(sequence[:shared]), sequence[shared]))
     return list(dict.fromkeys(branches))
 

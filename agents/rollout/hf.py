@@ -33,7 +33,7 @@ from collab_env.decoding import (
     stops,
     to_generation,
 )
-from collab_env.markers import HelpBranch, help_branches
+from collab_env.markers import HelpBranch
 
 COMPACT_BELOW = 0.75
 """The fast path drops finished rows once at most this share of its rows is still running: dropping
@@ -274,7 +274,7 @@ class HFRollout(GeneratingRollout):
 
     def help_branches(self) -> tuple[HelpBranch, ...]:
         """Where this env's completions branch into the marker: the branch token is the help action."""
-        return tuple(help_branches(self.env.tokenizer, self.env.task.template.render_answer("0")))
+        return tuple(self.env.help_branches())
 
     @torch.no_grad()
     def generate(

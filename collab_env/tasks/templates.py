@@ -16,6 +16,21 @@ from dataclasses import dataclass
 
 HELP_MARKER = "<unknown> I need external assistance </unknown>"
 
+STEP_SEPARATOR = " "
+"""What a device that writes a trace puts between two worked steps."""
+
+
+def render_trace(steps: list[str]) -> str:
+    """A device's worked steps before its answer, as Template I puts reasoning: `<think>37+48=85 85-29=56</think>`."""
+    return f"<think>{STEP_SEPARATOR.join(steps)}</think>"
+
+
+def render_help_after(steps: list[str]) -> str:
+    """The first steps of a trace, then the call-for-help marker instead of the rest (no steps: the
+    marker right after `<think>`)."""
+    return f"<think>{STEP_SEPARATOR.join(steps)} {HELP_MARKER}"
+
+
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK_TAG = re.compile(r"<think>.*?</think>", re.DOTALL)
 
