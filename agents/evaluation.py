@@ -57,15 +57,17 @@ def evaluate_policy(
     rollout: RolloutConfig,
     max_batch: int,
     local_env: gym.Env | None = None,
+    help_bias: float = 0.0,
 ) -> EvalResult:
     """Greedy completions for `prompt_ids`, scored in order under the env's budget (a fresh window);
-    with `local_env`, refused calls are answered by the device (the cap rule above)."""
+    with `local_env`, refused calls are answered by the device (the cap rule above). `help_bias` is
+    added to the help action's logit (a budget-calibrated policy, agents.baselines.context)."""
     env.unwrapped.budget.reset_window()
     config = RolloutConfig(backend="hf" if rollout.backend == "env" else rollout.backend, max_batch=max_batch)
     engine = make_rollout(policy, env, config)
     was_training = policy.training
     try:
-        greedy = engine.rollout(prompt_ids, group_size=1, greedy=True)
+        greedy = engine.rollout(prompt_ids, group_size=1, greedy=True, help_bias=help_bias)
         greedy.infos = with_completions(greedy, env.unwrapped.tokenizer)
         if local_env is None:
             return EvalResult(greedy.infos, greedy.rewards.tolist())

@@ -121,3 +121,18 @@ def paired_bootstrap(
     tail = (1.0 - level) / 2
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return float(diff.mean()), float(low), float(high)
+
+
+def calibrated_threshold(scores: np.ndarray, share: float) -> float:
+    """The score above which a `share` of these prompts lie (a router sends those to the cloud)."""
+    return float(np.quantile(scores, 1.0 - share)) if len(scores) else 0.0
+
+
+def roc_auc(scores: np.ndarray, fails: np.ndarray) -> float:
+    """ROC AUC of `scores` for predicting `fails` (ties count one half); nan when one class is missing."""
+    from sklearn.metrics import roc_auc_score
+
+    fails = np.asarray(fails, dtype=bool)
+    if fails.all() or not fails.any():
+        return float("nan")
+    return float(roc_auc_score(fails, np.asarray(scores, dtype=np.float64)))

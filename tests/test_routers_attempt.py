@@ -16,11 +16,12 @@ from hydra import compose, initialize_config_dir
 from test_train_smoke import CONFIGS
 
 from agents.baselines import METHODS, EvalContext, routers, run_method, signal_routers
-from agents.baselines.routers import calibrated_threshold, roc_auc, router_train_ids
+from agents.baselines.context import router_train_ids
 from agents.baselines.signal_routers import doubt, parse_question, question_features
 from agents.registry import register_configs, to_objects
 from agents.report import write_report
 from agents.rollout.hf import HFRollout
+from agents.tradeoff import calibrated_threshold, roc_auc
 from collab_env.config import SPLITS, TaskConfig
 from collab_env.decoding import Generation
 from collab_env.tasks import make_task

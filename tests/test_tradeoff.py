@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.baselines.routers import calibrated_threshold, fit_logistic
-from agents.tradeoff import accuracy_at, apgr, cpt, pgr, route, threshold_curve
+from agents.baselines.routers import fit_logistic
+from agents.tradeoff import accuracy_at, apgr, calibrated_threshold, cpt, pgr, route, threshold_curve
 
 
 def test_pgr():

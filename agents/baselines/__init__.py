@@ -7,6 +7,7 @@
 | `cloud_only`     | every question to the cloud (upper bound)                                  |
 | `device_only`    | the untrained device answers everything                                    |
 | `device_with_help` | the untrained device with the help option (where training starts)        |
+| `device_with_help_calibrated` | the same, its help bias calibrated to the budget on training prompts |
 | `task_tuning`    | GRPO-tuned device without the help option, answers everything              |
 | `random_offload` | task-tuned device, a random rho/(1+rho) share of questions to the cloud     |
 | `prompt_router`  | task-tuned device + classifier on prompt embeddings, threshold at the budget |
@@ -21,6 +22,7 @@
 | `ppo`            | hierarchical reward + token-level PPO with a value head                    |
 | `da_grpo`        | Lagrangian group baseline in the spirit of DA-GRPO (2602.00166; not a reproduction) |
 | `gapg`           | GAPG (the paper's method)                                                  |
+| `collab_grpo_calibrated`, `da_grpo_calibrated`, `gapg_calibrated` | the trained policy, decoded with one bias on its help action chosen so that it calls on the budget's share of the training prompts, as a router's threshold is (`EvalContext.calibrated_result`) |
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ METHODS: dict[str, Method] = {
     "cloud_only": reference.cloud_only,
     "device_only": reference.device_only,
     "device_with_help": reference.device_with_help,
+    "device_with_help_calibrated": reference.device_with_help_calibrated,
     "task_tuning": trained.task_tuning,
     "random_offload": routers.random_offload,
     "prompt_router": routers.prompt_router,
@@ -51,6 +54,9 @@ METHODS: dict[str, Method] = {
     "ppo": trained.ppo,
     "da_grpo": trained.da_grpo,
     "gapg": trained.gapg,
+    "collab_grpo_calibrated": trained.collab_grpo_calibrated,
+    "da_grpo_calibrated": trained.da_grpo_calibrated,
+    "gapg_calibrated": trained.gapg_calibrated,
 }
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 
 from agents.config import RolloutConfig, RunConfig
 from agents.evaluation import EvalResult, evaluate_policy, help_curve
 from agents.metrics import summarize
 from agents.policy import Policy, pick_device
 from agents.runs import held_out_cap, make_env, no_cloud, resolve_device
+from agents.tradeoff import calibrated_threshold, roc_auc
 from collab_env.config import BudgetConfig
 
 
@@ -43,6 +45,19 @@ class MethodResult:
 
 CURVE_RATES = tuple(i / 20 for i in range(1, 20))
 """Cloud rates at which every method's accuracy-vs-cloud-rate curve is measured."""
+MARGIN_FLOOR = 1e4
+"""Help margins below -MARGIN_FLOOR (a completion that never could call) count as -MARGIN_FLOOR."""
+
+
+def failures(infos: list[dict[str, Any]]) -> np.ndarray:
+    """Whether the device got each prompt wrong on its own (the label every router predicts)."""
+    return np.array([not i["local_correct"] for i in infos], dtype=bool)
+
+
+def router_train_ids(ctx: EvalContext) -> list[int]:
+    """The training prompts whose device outcomes label (and calibrate) the routers and on which a
+    budget-calibrated policy picks its help bias."""
+    return [p.id for p in ctx.task.problems("train")[: ctx.run.evaluate.router_prompts]]
 
 
 class EvalContext:
@@ -92,6 +107,7 @@ class EvalContext:
         budget: BudgetConfig | None = None,
         prompt_ids: list[int] | None = None,
         split: str | None = None,
+        help_bias: float = 0.0,
     ) -> EvalResult:
         """Greedy completions of the held-out prompts (or `prompt_ids`), scored in order under `budget`
         (the cap by default), refused calls answered by the device on its own (agents.evaluation)."""
@@ -99,7 +115,9 @@ class EvalContext:
         ids = self.prompt_ids if prompt_ids is None else prompt_ids
         env = self.env(template, budget, split)
         local = self.env(template, no_cloud(), split)
-        return evaluate_policy(policy, env, ids, config, self.run.evaluate.max_batch, local_env=local)
+        return evaluate_policy(
+            policy, env, ids, config, self.run.evaluate.max_batch, local_env=local, help_bias=help_bias
+        )
 
     def policy_result(
         self, name: str, label: str, policy: Policy, template: str | None = None, **fields: Any
@@ -111,6 +129,38 @@ class EvalContext:
             label,
             result.infos,
             help_curve(result, self.cloud_correct(self.prompt_ids), CURVE_RATES),
+            alone_accuracy=summarize(result.alone)["local_accuracy"],
+            **fields,
+        )
+
+    def calibrated_result(self, name: str, label: str, policy: Policy, **fields: Any) -> MethodResult:
+        """A policy's row when one bias b on its help action's logit is chosen as a router's threshold
+        is: so that greedy decoding calls on the budget's share rho/(1+rho) of the training prompts
+        (`router_train_ids`). A greedy completion calls iff its help margin (`Policy.help_margins`)
+        exceeds -b, so -b is the margin above which that share of the training prompts lie; the
+        held-out prompts are then decoded with b, under the cap. Greedy decoding alone (b = 0) spends
+        the budget only where the help token already wins; with b the policy's own ranking of where it
+        needs help decides, at the rate every router is given."""
+        train = self.evaluate(
+            policy, budget=BudgetConfig(mode="none"), prompt_ids=router_train_ids(self), split="train"
+        )
+        # A completion that never reaches a branch position cannot call (margin -inf): floored so that
+        # the quantile stays finite; past the share of prompts that can call, b only grows.
+        train_margins = np.maximum(np.asarray(train.margins, dtype=float), -MARGIN_FLOOR)
+        bias = -calibrated_threshold(train_margins, self.run.budget.share)
+        result = self.evaluate(policy, help_bias=bias)
+        test_margins = np.maximum(np.asarray(result.margins, dtype=float), -MARGIN_FLOOR)
+        extra = {
+            "calibration/help_bias": bias,
+            "calibration/train_call_rate": float((train_margins > -bias).mean()),
+            "calibration/train_auc": roc_auc(train_margins, failures(train.alone)),
+            "calibration/test_auc": roc_auc(test_margins, failures(result.alone)),
+        }
+        return MethodResult(
+            name,
+            label,
+            result.infos,
+            extra=extra,
             alone_accuracy=summarize(result.alone)["local_accuracy"],
             **fields,
         )

@@ -21,6 +21,15 @@ def device_with_help(ctx: EvalContext) -> MethodResult:
     return ctx.policy_result("device_with_help", "Device + help option (untrained)", ctx.untrained_policy())
 
 
+def device_with_help_calibrated(ctx: EvalContext) -> MethodResult:
+    """The untrained device with the help option and a help bias calibrated to the budget."""
+    return ctx.calibrated_result(
+        "device_with_help_calibrated",
+        "Device + help option (untrained), budget-calibrated",
+        ctx.untrained_policy(),
+    )
+
+
 def cloud_only(ctx: EvalContext) -> MethodResult:
     """Every question goes to the cloud, without a cap: the upper bound."""
     env = ctx.env(budget=BudgetConfig(mode="none"))

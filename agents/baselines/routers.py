@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from agents import sb3, tianshou
-from agents.baselines.context import CURVE_RATES, EvalContext, MethodResult
+from agents.baselines.context import CURVE_RATES, EvalContext, MethodResult, failures, router_train_ids
 from agents.baselines.trained import trained_policy
 from agents.external import Fit, run_episodes
 from agents.runs import make_eval_env, no_cloud
-from agents.tradeoff import route, threshold_curve
+from agents.tradeoff import calibrated_threshold, roc_auc, route, threshold_curve
 from collab_env.config import SPLITS
 from collab_env.features import minilm_features
 
@@ -122,31 +122,6 @@ def fit_logistic(
 
     optimizer.step(closure)
     return model
-
-
-def calibrated_threshold(scores: np.ndarray, share: float) -> float:
-    """The score above which a `share` of these prompts lie (the router sends those to the cloud)."""
-    return float(np.quantile(scores, 1.0 - share)) if len(scores) else 0.0
-
-
-def failures(infos: list[dict[str, Any]]) -> np.ndarray:
-    """Whether the device got each prompt wrong (the label every router predicts)."""
-    return np.array([not i["local_correct"] for i in infos], dtype=bool)
-
-
-def roc_auc(scores: np.ndarray, fails: np.ndarray) -> float:
-    """ROC AUC of `scores` for predicting `fails` (ties count one half); nan when one class is missing."""
-    from sklearn.metrics import roc_auc_score
-
-    fails = np.asarray(fails, dtype=bool)
-    if fails.all() or not fails.any():
-        return float("nan")
-    return float(roc_auc_score(fails, np.asarray(scores, dtype=np.float64)))
-
-
-def router_train_ids(ctx: EvalContext) -> list[int]:
-    """The training prompts whose device outcomes label (and calibrate) the routers."""
-    return [p.id for p in ctx.task.problems("train")[: ctx.run.evaluate.router_prompts]]
 
 
 def scored_router(

@@ -35,14 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.baselines.context import EvalContext, MethodResult
-from agents.baselines.routers import (
-    classifier_router,
-    logistic_scores,
-    router_train_ids,
-    scored_router,
-    tuned_local,
-)
+from agents.baselines.context import EvalContext, MethodResult, router_train_ids
+from agents.baselines.routers import classifier_router, logistic_scores, scored_router, tuned_local
 from agents.baselines.trained import trained_policy
 from agents.runs import no_cloud
 from collab_env.features import device_features

@@ -81,6 +81,14 @@ def _trained(ctx: EvalContext, name: str, label: str, agent: str, template: str 
     return ctx.policy_result(name, label, policy, template, training_metrics=run_dir / "metrics.csv")
 
 
+def _calibrated(ctx: EvalContext, name: str, label: str, agent: str) -> MethodResult:
+    """The run behind `agent`'s row, decoded with a help bias calibrated to the budget (`calibrated_result`)."""
+    policy, run_dir = trained_policy(ctx, agent, None)
+    return ctx.calibrated_result(
+        name, f"{label}, budget-calibrated", policy, training_metrics=run_dir / "metrics.csv"
+    )
+
+
 def task_tuning(ctx: EvalContext) -> MethodResult:
     """GRPO on the task without the help option; every question answered on the device."""
     return _trained(ctx, "task_tuning", "Task-tuning only (GRPO)", "grpo", "plain")
@@ -105,6 +113,18 @@ def da_grpo(ctx: EvalContext) -> MethodResult:
     """Dual-advantage group policy gradient with a Lagrange multiplier on the cloud rate, in the spirit
     of DA-GRPO (arXiv 2602.00166; agents.da_grpo, not a reproduction), with the help option."""
     return _trained(ctx, "da_grpo", "Lagrangian GRPO (DA-GRPO-style)", "da_grpo", None)
+
+
+def collab_grpo_calibrated(ctx: EvalContext) -> MethodResult:
+    return _calibrated(ctx, "collab_grpo_calibrated", "Hier. reward + GRPO (no filter)", "grpo")
+
+
+def da_grpo_calibrated(ctx: EvalContext) -> MethodResult:
+    return _calibrated(ctx, "da_grpo_calibrated", "Lagrangian GRPO (DA-GRPO-style)", "da_grpo")
+
+
+def gapg_calibrated(ctx: EvalContext) -> MethodResult:
+    return _calibrated(ctx, "gapg_calibrated", "GAPG (ours)", "gapg")
 
 
 def gapg(ctx: EvalContext) -> MethodResult:
