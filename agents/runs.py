@@ -122,12 +122,33 @@ def config_snapshot(run: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(run), default=str))
 
 
+def with_added_defaults(saved: Any, current: Any) -> Any:
+    """`saved` (a snapshot of an older run's settings) with the fields that the dataclass `current` has
+    gained since filled in with their defaults: a setting added later behaves at its default as the
+    code did before it existed (a new `agent.kl_anchor`, 0, is the estimator an old run trained with)."""
+    if not (dataclasses.is_dataclass(current) and isinstance(saved, dict)):
+        return saved
+    out = dict(saved)
+    for spec in dataclasses.fields(current):
+        if spec.name in out:
+            out[spec.name] = with_added_defaults(out[spec.name], getattr(current, spec.name))
+        elif spec.default is not dataclasses.MISSING:
+            out[spec.name] = json.loads(json.dumps(spec.default, default=str))
+        elif spec.default_factory is not dataclasses.MISSING:
+            default = spec.default_factory()
+            value = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+            out[spec.name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
 def check_same_run(checkpoint: Path, saved: dict[str, Any], run: RunConfig, purpose: str = "resume") -> None:
     """Raise CheckpointError when `checkpoint` (whose state.json config is `saved`) was made with other
     settings than `run` in what `purpose` needs to match: RESUME_MUST_MATCH to resume from it,
-    EVALUATE_MUST_MATCH to evaluate it as the run's result."""
+    EVALUATE_MUST_MATCH to evaluate it as the run's result. A setting the run's code has gained since
+    the checkpoint counts as its default there (`with_added_defaults`)."""
     resuming = purpose == "resume"
     now = config_snapshot(run)
+    saved = with_added_defaults(saved, run)
     for key in RESUME_MUST_MATCH if resuming else EVALUATE_MUST_MATCH:
         before, after = _dig(saved, key), _dig(now, key)
         if before != after:

@@ -116,3 +116,21 @@ def test_evaluate_refuses_a_finished_run_trained_with_other_settings(tmp_path):
     evaluate(first, tmp_path)  # the same settings: the finished run is reused
     with pytest.raises(CheckpointError, match="cannot evaluate .*step_000002: its env was"):
         evaluate(other, tmp_path)  # a changed reward must not be served the old run's policy
+
+
+def test_a_run_saved_before_a_setting_existed_counts_as_that_settings_default(tmp_path):
+    """A finished run whose state.json predates `agent.kl_anchor` is the same run at kl_anchor=0 (the
+    estimator it trained with) and is reused; asked for kl_anchor>0 it is refused."""
+    register_configs()
+    overrides = ["experiment=smoke", "evaluate.methods=[gapg]", "train.steps=2"]
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        run = to_objects(compose(config_name="evaluate", overrides=overrides))
+        anchored = to_objects(compose(config_name="evaluate", overrides=[*overrides, "agent.kl_anchor=0.1"]))
+    evaluate(run, tmp_path)
+    state_path = next((tmp_path / "runs").glob("gapg-*/seed0/checkpoints/step_000002/state.json"))
+    state = json.loads(state_path.read_text())
+    del state["config"]["agent"]["kl_anchor"]
+    state_path.write_text(json.dumps(state))
+    evaluate(run, tmp_path)
+    with pytest.raises(CheckpointError, match="cannot evaluate .*step_000002: its agent was"):
+        evaluate(anchored, tmp_path)
