@@ -36,14 +36,18 @@ def main() -> None:
         if terminated or truncated:
             env.reset()
     stepped = time.perf_counter()
-    print(json.dumps({
-        "cache": os.environ["DEVICECLOUD_CACHE"],
-        "make_s": round(made - start, 2),
-        "first_reset_s": round(reset - made, 2),
-        "ten_steps_s": round(stepped - reset, 3),
-        "total_s": round(stepped - start, 2),
-        "torch_threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "cache": os.environ["DEVICECLOUD_CACHE"],
+                "make_s": round(made - start, 2),
+                "first_reset_s": round(reset - made, 2),
+                "ten_steps_s": round(stepped - reset, 3),
+                "total_s": round(stepped - start, 2),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import sys
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -106,12 +107,19 @@ def test_training_curves_of_several_runs_from_the_command_line(tmp_path, monkeyp
     assert "no metrics.csv in" in capsys.readouterr().err
 
 
-def test_evaluate_refuses_a_finished_run_trained_with_other_settings(tmp_path):
+def smoke_gapg_runs(*changes: str) -> list[Any]:
+    """The smoke experiment's 2-step GAPG evaluation settings, as they are and with each of `changes`."""
     register_configs()
     overrides = ["experiment=smoke", "evaluate.methods=[gapg]", "train.steps=2"]
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        first = to_objects(compose(config_name="evaluate", overrides=overrides))
-        other = to_objects(compose(config_name="evaluate", overrides=[*overrides, "env.reward.alpha_c=0.2"]))
+        return [
+            to_objects(compose(config_name="evaluate", overrides=[*overrides, *extra]))
+            for extra in ([], *([change] for change in changes))
+        ]
+
+
+def test_evaluate_refuses_a_finished_run_trained_with_other_settings(tmp_path):
+    first, other = smoke_gapg_runs("env.reward.alpha_c=0.2")
     evaluate(first, tmp_path)
     evaluate(first, tmp_path)  # the same settings: the finished run is reused
     with pytest.raises(CheckpointError, match="cannot evaluate .*step_000002: its env was"):
@@ -121,11 +129,7 @@ def test_evaluate_refuses_a_finished_run_trained_with_other_settings(tmp_path):
 def test_a_run_saved_before_a_setting_existed_counts_as_that_settings_default(tmp_path):
     """A finished run whose state.json predates `agent.kl_anchor` is the same run at kl_anchor=0 (the
     estimator it trained with) and is reused; asked for kl_anchor>0 it is refused."""
-    register_configs()
-    overrides = ["experiment=smoke", "evaluate.methods=[gapg]", "train.steps=2"]
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        run = to_objects(compose(config_name="evaluate", overrides=overrides))
-        anchored = to_objects(compose(config_name="evaluate", overrides=[*overrides, "agent.kl_anchor=0.1"]))
+    run, anchored = smoke_gapg_runs("agent.kl_anchor=0.1")
     evaluate(run, tmp_path)
     state_path = next((tmp_path / "runs").glob("gapg-*/seed0/checkpoints/step_000002/state.json"))
     state = json.loads(state_path.read_text())

@@ -49,6 +49,13 @@ MARGIN_FLOOR = 1e4
 """Help margins below -MARGIN_FLOOR (a completion that never could call) count as -MARGIN_FLOOR."""
 
 
+def floored(margins: list[float]) -> np.ndarray:
+    """Help margins with -inf (a completion that never reaches a branch position, so cannot call)
+    raised to -MARGIN_FLOOR, so that a quantile of them stays finite; past the share of prompts that
+    can call, a bias calibrated on them only grows."""
+    return np.maximum(np.asarray(margins, dtype=float), -MARGIN_FLOOR)
+
+
 def failures(infos: list[dict[str, Any]]) -> np.ndarray:
     """Whether the device got each prompt wrong on its own (the label every router predicts)."""
     return np.array([not i["local_correct"] for i in infos], dtype=bool)
@@ -144,12 +151,10 @@ class EvalContext:
         train = self.evaluate(
             policy, budget=BudgetConfig(mode="none"), prompt_ids=router_train_ids(self), split="train"
         )
-        # A completion that never reaches a branch position cannot call (margin -inf): floored so that
-        # the quantile stays finite; past the share of prompts that can call, b only grows.
-        train_margins = np.maximum(np.asarray(train.margins, dtype=float), -MARGIN_FLOOR)
+        train_margins = floored(train.margins)
         bias = -calibrated_threshold(train_margins, self.run.budget.share)
         result = self.evaluate(policy, help_bias=bias)
-        test_margins = np.maximum(np.asarray(result.margins, dtype=float), -MARGIN_FLOOR)
+        test_margins = floored(result.margins)
         extra = {
             "calibration/help_bias": bias,
             "calibration/train_call_rate": float((train_margins > -bias).mean()),
