@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_trl import load_example, script_generation
+from test_trl import example_argv, load_example, script_generation
 
 from agents.gapg import gapg_weights, select_prompts
 
@@ -69,21 +69,7 @@ def test_the_example_trainer_applies_the_filter_inside_trl(tmp_path, cloud_cache
     pytest.importorskip("trl")
     example = load_example("trl_grpo")
     script_generation(monkeypatch, example, cloud_cache)  # right, help, wrong, sampled in each group
-    argv = [
-        "--device",
-        "tiny-random",
-        "--steps",
-        "1",
-        "--prompts",
-        "2",
-        "--generations",
-        "4",
-        "--max-new-tokens",
-        "16",
-        "--gapg",
-    ]
-    argv += ["--train-prompts", "20", "--output-dir", str(tmp_path / "trl"), "--cloud-cache", cloud_cache]
-    trainer, reward = example.main(argv)
+    trainer, reward = example.main(example_argv(tmp_path, cloud_cache, 1, 2, "--gapg"))
     assert type(trainer).__name__ == "GAPGFilteredTrainer" and trainer.args.loss_type == "dr_grpo"
     rho = reward.env.budget.config.ratio
     rng = np.random.default_rng([0, 0])  # the trainer's: seed 0, step 0

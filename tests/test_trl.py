@@ -109,6 +109,17 @@ def test_ids_beyond_the_tokenizer_are_dropped_and_a_missing_prompt_id_column_is_
         EnvReward(object())
 
 
+def example_argv(tmp_path: Path, cloud_cache: str, steps: int, prompts: int, *extra: str) -> list[str]:
+    """The command line of examples/trl_grpo.py on the tiny random device: 4 generations of <= 16
+    tokens per prompt, 20 training prompts (TASK), the test's cloud cache."""
+    return [
+        *("--device", "tiny-random", "--steps", str(steps), "--prompts", str(prompts)),
+        *("--generations", "4", "--max-new-tokens", "16", "--train-prompts", "20"),
+        *("--output-dir", str(tmp_path / "trl"), "--cloud-cache", cloud_cache),
+        *extra,
+    ]
+
+
 def script_generation(monkeypatch, example, cloud_cache: str) -> None:
     """Make the example's tiny random model answer something: it never answers right by itself, so 3
     of every 4 rows TRL samples are rewritten as a right answer, a call for help and a wrong answer
@@ -164,20 +175,7 @@ def test_trl_grpo_example_trains_and_trl_sees_the_env_rewards(tmp_path, cloud_ca
             return rewards
 
     monkeypatch.setattr(example, "EnvReward", Recording)
-    argv = [
-        "--device",
-        "tiny-random",
-        "--steps",
-        "2",
-        "--prompts",
-        "1",
-        "--generations",
-        "4",
-        "--max-new-tokens",
-        "16",
-    ]
-    argv += ["--train-prompts", "20", "--output-dir", str(tmp_path / "trl"), "--cloud-cache", cloud_cache]
-    trainer, reward = example.main(argv)
+    trainer, reward = example.main(example_argv(tmp_path, cloud_cache, steps=2, prompts=1))
 
     assert len(batches) == 2  # one generation batch per step
     fresh = gym.make(
