@@ -28,11 +28,17 @@ def evaluate(run: RunConfig, experiment_dir: Path) -> Path:
     report; returns the report's path."""
     started = time.perf_counter()
     by_seed = {}
+    # Where the wall time goes, method by method (training a missing run counts to its first method):
+    # the profile of a comparison such as the main job.
+    method_seconds: dict[str, dict[str, float]] = {}
     for seed in run.evaluate.seeds or [run.seed]:
         ctx = EvalContext(dataclasses.replace(run, seed=seed), experiment_dir)
         by_seed[seed] = []
+        method_seconds[str(seed)] = {}
         for name in run.evaluate.methods:
+            method_started = time.perf_counter()
             result = run_method(name, ctx)
+            method_seconds[str(seed)][name] = round(time.perf_counter() - method_started, 1)
             m = result.metrics()
             print(
                 f"[evaluate] seed {seed}, {result.label}: accuracy {m['accuracy']:.3f}, cloud rate "
@@ -50,6 +56,7 @@ def evaluate(run: RunConfig, experiment_dir: Path) -> Path:
         "ratio": run.budget.ratio,
         "share": run.budget.share,
         "wall_time_s": round(time.perf_counter() - started, 1),
+        "method_seconds": method_seconds,
         "config": dataclasses.asdict(run),
     }
     return write_report(experiment_dir / "report", by_seed, ctx.cloud_correct(ctx.prompt_ids), context)

@@ -138,6 +138,22 @@ def router_lines(results: list[MethodResult], means: dict[str, dict[str, float]]
     return lines
 
 
+def time_lines(context: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Where the comparison's wall time went, per method over all seeds (a missing run trained on the
+    way counts to the method that needed it first)."""
+    per_seed = context.get("method_seconds")
+    if not per_seed:
+        return []
+    totals: dict[str, float] = {}
+    for seconds in per_seed.values():
+        for name, value in seconds.items():
+            totals[name] = totals.get(name, 0.0) + value
+    lines = ["", f"Wall time {context.get('wall_time_s', 0) / 60:.1f} min; per method, all seeds:", ""]
+    lines += ["| method | seconds |", "|---|---|"]
+    lines += [f"| {labels.get(name, name)} | {value:.0f} |" for name, value in totals.items()]
+    return lines
+
+
 def write_report(
     out_dir: Path,
     by_seed: dict[int, list[MethodResult]],
@@ -241,6 +257,7 @@ def write_report(
         "logit); CPT(50%) is the cloud rate that closes half.",
     ]
     lines += router_lines(first, means)
+    lines += time_lines(context, labels)
     lines += position_lines(positions, labels, "call_positions.png")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"

@@ -66,6 +66,10 @@ def test_report_from_a_smoke_run(tmp_path):
     methods = results["methods"]
     context = results["context"]
     assert context["config"]["cloud"]["accuracy"] == 0.9 and context["num_prompts"] == 16
+    seconds = context["method_seconds"]["0"]
+    assert list(seconds) == list(methods) and all(value >= 0 for value in seconds.values())
+    assert sum(seconds.values()) <= context["wall_time_s"]
+    assert "Wall time" in text and f"| {methods['gapg']['label']} | " in text.split("Wall time")[1]
     implied = simulated_cloud_accuracy(run, context["num_prompts"])
     assert implied == 15 / 16
     cloud_only = methods["cloud_only"]["metrics"]
