@@ -122,12 +122,20 @@ class EvalConfig:
     """Train the runs that trained methods need when they are missing or unfinished."""
     router_prompts: int = 1000
     """Training prompts whose device outcomes label the prompt router."""
+    train_workers: int = 1
+    """Missing runs trained side by side before the methods are evaluated, each in its own process with
+    an equal share of the CPU cores (agents.baselines.trained.train_in_parallel). 1: each run is trained
+    in this process when its first method needs it."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ConfigError(f"evaluate.split={self.split!r}; use one of: {', '.join(SPLITS)}.")
         if self.num_prompts < 0 or self.max_batch < 1 or self.max_new_tokens < 0:
             raise ConfigError("evaluate.num_prompts and max_new_tokens must be >= 0, max_batch >= 1.")
+        if self.train_workers < 1:
+            raise ConfigError(
+                f"evaluate.train_workers={self.train_workers} must be >= 1 (1: one run at a time)."
+            )
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from agents.baselines import EvalContext, run_method
+from agents.baselines import EvalContext, run_method, train_runs_first
 from agents.config import RunConfig
 from agents.registry import register_configs, to_objects
 from agents.report import write_report
@@ -28,13 +28,18 @@ def evaluate(run: RunConfig, experiment_dir: Path) -> Path:
     report; returns the report's path."""
     started = time.perf_counter()
     by_seed = {}
-    # Where the wall time goes, method by method (training a missing run counts to its first method):
+    # Where the wall time goes, method by method (training a missing run counts to its first
+    # method, or to 'training (parallel)' when runs train side by side first):
     # the profile of a comparison such as the main job.
     method_seconds: dict[str, dict[str, float]] = {}
-    for seed in run.evaluate.seeds or [run.seed]:
+    seeds = run.evaluate.seeds or [run.seed]
+    if train_runs_first(run, experiment_dir, seeds):
+        # Every seed's runs trained side by side, counted once (to the first seed).
+        method_seconds[str(seeds[0])] = {"training (parallel)": round(time.perf_counter() - started, 1)}
+    for seed in seeds:
         ctx = EvalContext(dataclasses.replace(run, seed=seed), experiment_dir)
         by_seed[seed] = []
-        method_seconds[str(seed)] = {}
+        method_seconds.setdefault(str(seed), {})
         for name in run.evaluate.methods:
             method_started = time.perf_counter()
             result = run_method(name, ctx)

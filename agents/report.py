@@ -140,7 +140,7 @@ def router_lines(results: list[MethodResult], means: dict[str, dict[str, float]]
 
 def time_lines(context: dict[str, Any], labels: dict[str, str]) -> list[str]:
     """Where the comparison's wall time went, per method over all seeds (a missing run trained on the
-    way counts to the method that needed it first)."""
+    way counts to the method that needed it first, runs trained side by side to 'training (parallel)')."""
     per_seed = context.get("method_seconds")
     if not per_seed:
         return []

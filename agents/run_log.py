@@ -58,7 +58,7 @@ class RunLog:
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
-            desc=self.run_dir.name,
+            desc=f"{self.run_dir.parent.name}/{self.run_dir.name}",  # runs may train side by side
             disable=not progress,
             mininterval=0.5 if interactive else 30.0,
             dynamic_ncols=True,

@@ -27,10 +27,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 from agents.baselines import reference, routers, signal_routers, trained
 from agents.baselines.context import EvalContext, MethodResult
+from agents.config import RunConfig
 from collab_env.errors import unknown_name
 
 Method = Callable[[EvalContext], MethodResult]
@@ -60,6 +63,47 @@ METHODS: dict[str, Method] = {
 }
 
 
+ROUTED_FOR_TASK_TUNING = (
+    "random_offload",
+    "prompt_router",
+    "probe_router",
+    "feature_router",
+    "confidence_router",
+    "oracle_router",
+    "sb3_router",
+    "tianshou_router",
+)
+"""Methods that route for the task-tuned device, so need its run."""
+
+RUNS: dict[str, trained.RunKey] = {
+    **trained.RUNS,
+    **dict.fromkeys(ROUTED_FOR_TASK_TUNING, trained.TASK_TUNED),
+}
+"""The training run behind each method that needs one."""
+
+
+def train_runs_first(run: RunConfig, experiment_dir: Path, seeds: list[int]) -> bool:
+    """With `evaluate.train_workers` > 1 (and `train_missing`), trains the missing runs that the methods
+    of `evaluate.methods` need for every seed of `seeds` before any method is evaluated, that many at a
+    time (`trained.train_in_parallel`); returns whether it trained any. Otherwise each method trains its
+    run when it first needs it."""
+    workers = run.evaluate.train_workers
+    if workers < 2 or not run.evaluate.train_missing:
+        return False
+    keys = [RUNS[name] for name in run.evaluate.methods if name in RUNS]
+    missing = [
+        missing
+        for seed in seeds
+        for missing in trained.missing_runs(
+            EvalContext(dataclasses.replace(run, seed=seed), experiment_dir), keys
+        )
+    ]
+    if len(missing) < 2:
+        return False
+    trained.train_in_parallel(missing, min(workers, len(missing)))
+    return True
+
+
 def run_method(name: str, ctx: EvalContext) -> MethodResult:
     """The result of the method `name` (one of `evaluate.methods`) on the context's held-out prompts."""
     if name not in METHODS:
@@ -67,4 +111,4 @@ def run_method(name: str, ctx: EvalContext) -> MethodResult:
     return METHODS[name](ctx)
 
 
-__all__ = ["METHODS", "EvalContext", "MethodResult", "run_method"]
+__all__ = ["METHODS", "RUNS", "EvalContext", "MethodResult", "run_method", "train_runs_first"]

@@ -30,7 +30,7 @@ import torch
 
 from agents import sb3, tianshou
 from agents.baselines.context import CURVE_RATES, EvalContext, MethodResult, failures, router_train_ids
-from agents.baselines.trained import trained_policy
+from agents.baselines.trained import TASK_TUNED, trained_policy
 from agents.external import Fit, run_episodes
 from agents.runs import make_eval_env, no_cloud
 from agents.tradeoff import calibrated_threshold, roc_auc, route, threshold_curve
@@ -47,7 +47,7 @@ def tuned_local(ctx: EvalContext, split: str, prompt_ids: list[int]) -> list[dic
     known: dict[int, dict[str, Any]] = ctx.memo(f"tuned-local:{split}", dict)
     missing = [i for i in dict.fromkeys(prompt_ids) if i not in known]
     if missing:
-        policy, _ = trained_policy(ctx, "grpo", "plain")
+        policy, _ = trained_policy(ctx, *TASK_TUNED)
         answers = ctx.evaluate(policy, template="plain", budget=no_cloud(), prompt_ids=missing, split=split)
         known.update({info["prompt_id"]: info for info in answers.infos})
     return [known[i] for i in prompt_ids]

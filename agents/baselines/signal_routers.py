@@ -37,7 +37,7 @@ import numpy as np
 
 from agents.baselines.context import EvalContext, MethodResult, router_train_ids
 from agents.baselines.routers import classifier_router, logistic_scores, scored_router, tuned_local
-from agents.baselines.trained import trained_policy
+from agents.baselines.trained import TASK_TUNED, trained_policy
 from agents.runs import no_cloud
 from collab_env.features import device_features
 
@@ -112,7 +112,7 @@ def boosting_scores(
 def prompt_hidden_states(ctx: EvalContext, split: str, prompt_ids: list[int]) -> np.ndarray:
     """(N, hidden) mean last hidden state of the task-tuned model over each prompt's tokens (plain
     template, the prompt the device answers), before it writes anything."""
-    policy, _ = trained_policy(ctx, "grpo", "plain")
+    policy, _ = trained_policy(ctx, *TASK_TUNED)
     env = ctx.env("plain", no_cloud(), split).unwrapped
     # A LoRA-wrapped model: its causal LM with the adapters in place (whose `base_model` is the decoder).
     model = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 from agents.baselines.context import EvalContext, MethodResult
 from agents.checkpoint import list_checkpoints, load_checkpoint
@@ -26,6 +32,27 @@ from collab_env.errors import DeviceCloudError
 
 class MissingRunError(DeviceCloudError):
     """A method needs a training run that does not exist and may not be trained now."""
+
+
+RunKey = tuple[str, str | None]
+"""A training run as (agent, template), None for the task's own template; seed and settings come
+from the context."""
+
+TASK_TUNED: RunKey = ("grpo", "plain")
+"""Task-tuning: GRPO without the help option, the model every router routes for."""
+
+RUNS: dict[str, RunKey] = {
+    "task_tuning": TASK_TUNED,
+    "collab_grpo": ("grpo", None),
+    "collab_dr_grpo": ("dr_grpo", None),
+    "ppo": ("ppo", None),
+    "da_grpo": ("da_grpo", None),
+    "gapg": ("gapg", None),
+    "collab_grpo_calibrated": ("grpo", None),
+    "da_grpo_calibrated": ("da_grpo", None),
+    "gapg_calibrated": ("gapg", None),
+}
+"""The run behind each method of this module."""
 
 
 def variant(run: RunConfig, agent_name: str, template: str | None) -> RunConfig:
@@ -76,14 +103,52 @@ def trained_policy(ctx: EvalContext, agent_name: str, template: str | None) -> t
     return ctx.memo(f"policy:{run_dir}", obtain), run_dir
 
 
-def _trained(ctx: EvalContext, name: str, label: str, agent: str, template: str | None) -> MethodResult:
+def missing_runs(ctx: EvalContext, keys: Iterable[RunKey]) -> list[tuple[RunConfig, Path]]:
+    """The settings and directory of each distinct run of `keys` that has no finished checkpoint yet."""
+    missing = []
+    for agent, template in dict.fromkeys(keys):
+        run = variant(ctx.run, agent, template)
+        run_dir = run_directory(ctx, run)
+        if finished_checkpoint(run_dir, run.train.steps) is None:
+            missing.append((run, run_dir))
+    return missing
+
+
+def train_in_parallel(runs: list[tuple[RunConfig, Path]], workers: int) -> None:
+    """Trains `runs`, `workers` at a time, each in its own process with an equal share of the CPU cores
+    as torch threads. On a few cores a small model's step gains little from a second thread (its
+    matrices are too small to split well), so two one-thread runs side by side finish in about half
+    the time of the same runs one after the other. A run's checkpoints are its own: an interrupted
+    batch resumes where each run stopped."""
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    print(
+        f"[evaluate] training {len(runs)} runs, {workers} at a time with {threads} torch thread(s) each: "
+        + ", ".join(str(run_dir) for _, run_dir in runs),
+        flush=True,
+    )
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        for done in [pool.submit(fit_run, run, run_dir) for run, run_dir in runs]:
+            done.result()
+
+
+def fit_run(run: RunConfig, run_dir: Path) -> None:
+    """Trains one run to its last step (resuming from its latest checkpoint); a worker of `train_in_parallel`."""
+    Trainer(run, run_dir).fit()
+
+
+def _trained(ctx: EvalContext, name: str, label: str) -> MethodResult:
+    agent, template = RUNS[name]
     policy, run_dir = trained_policy(ctx, agent, template)
     return ctx.policy_result(name, label, policy, template, training_metrics=run_dir / "metrics.csv")
 
 
-def _calibrated(ctx: EvalContext, name: str, label: str, agent: str) -> MethodResult:
-    """The run behind `agent`'s row, decoded with a help bias calibrated to the budget (`calibrated_result`)."""
-    policy, run_dir = trained_policy(ctx, agent, None)
+def _calibrated(ctx: EvalContext, name: str, label: str) -> MethodResult:
+    """The run behind the method's uncalibrated row, decoded with a help bias calibrated to the budget
+    (`calibrated_result`)."""
+    policy, run_dir = trained_policy(ctx, *RUNS[name])
     return ctx.calibrated_result(
         name, f"{label}, budget-calibrated", policy, training_metrics=run_dir / "metrics.csv"
     )
@@ -91,46 +156,46 @@ def _calibrated(ctx: EvalContext, name: str, label: str, agent: str) -> MethodRe
 
 def task_tuning(ctx: EvalContext) -> MethodResult:
     """GRPO on the task without the help option; every question answered on the device."""
-    return _trained(ctx, "task_tuning", "Task-tuning only (GRPO)", "grpo", "plain")
+    return _trained(ctx, "task_tuning", "Task-tuning only (GRPO)")
 
 
 def collab_grpo(ctx: EvalContext) -> MethodResult:
     """Hierarchical reward + GRPO on every prompt (paper v1's Collaboration-Aware Tuning)."""
-    return _trained(ctx, "collab_grpo", "Hier. reward + GRPO (no filter)", "grpo", None)
+    return _trained(ctx, "collab_grpo", "Hier. reward + GRPO (no filter)")
 
 
 def collab_dr_grpo(ctx: EvalContext) -> MethodResult:
     """Hierarchical reward + Dr. GRPO on every prompt (paper v3's Collaboration-Aware Tuning)."""
-    return _trained(ctx, "collab_dr_grpo", "Hier. reward + Dr. GRPO (no filter)", "dr_grpo", None)
+    return _trained(ctx, "collab_dr_grpo", "Hier. reward + Dr. GRPO (no filter)")
 
 
 def ppo(ctx: EvalContext) -> MethodResult:
     """Hierarchical reward + token-level PPO with a value head."""
-    return _trained(ctx, "ppo", "Hier. reward + PPO", "ppo", None)
+    return _trained(ctx, "ppo", "Hier. reward + PPO")
 
 
 def da_grpo(ctx: EvalContext) -> MethodResult:
     """Dual-advantage group policy gradient with a Lagrange multiplier on the cloud rate, in the spirit
     of DA-GRPO (arXiv 2602.00166; agents.da_grpo, not a reproduction), with the help option."""
-    return _trained(ctx, "da_grpo", "Lagrangian GRPO (DA-GRPO-style)", "da_grpo", None)
+    return _trained(ctx, "da_grpo", "Lagrangian GRPO (DA-GRPO-style)")
 
 
 def collab_grpo_calibrated(ctx: EvalContext) -> MethodResult:
-    return _calibrated(ctx, "collab_grpo_calibrated", "Hier. reward + GRPO (no filter)", "grpo")
+    return _calibrated(ctx, "collab_grpo_calibrated", "Hier. reward + GRPO (no filter)")
 
 
 def da_grpo_calibrated(ctx: EvalContext) -> MethodResult:
-    return _calibrated(ctx, "da_grpo_calibrated", "Lagrangian GRPO (DA-GRPO-style)", "da_grpo")
+    return _calibrated(ctx, "da_grpo_calibrated", "Lagrangian GRPO (DA-GRPO-style)")
 
 
 def gapg_calibrated(ctx: EvalContext) -> MethodResult:
-    return _calibrated(ctx, "gapg_calibrated", "GAPG (ours)", "gapg")
+    return _calibrated(ctx, "gapg_calibrated", "GAPG (ours)")
 
 
 def gapg(ctx: EvalContext) -> MethodResult:
     """GAPG; when budget-sweep runs exist (`python -m agents.train -m budget.ratio=...`), their capped
     results are shown beside its help-bias curve."""
-    result = _trained(ctx, "gapg", "GAPG (ours)", "gapg", None)
+    result = _trained(ctx, "gapg", "GAPG (ours)")
     result.sweep_points = sweep_points(ctx, "gapg")
     return result
 

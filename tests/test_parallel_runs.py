@@ -1,0 +1,76 @@
+"""`evaluate.train_workers`: the runs a comparison needs train side by side first, each in its own
+process, and give the same checkpoints and the same results as training them one after the other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+from test_train_smoke import CONFIGS
+
+from agents.baselines import METHODS, RUNS
+from agents.evaluate import evaluate
+from agents.registry import register_configs, to_objects
+from collab_env.errors import ConfigError
+
+METHODS_USED = "[task_tuning,oracle_router,gapg,gapg_calibrated]"
+
+
+def compare(tmp_path, workers: int):
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                "experiment=smoke",
+                f"evaluate.methods={METHODS_USED}",
+                "train.steps=2",
+                f"evaluate.train_workers={workers}",
+            ],
+        )
+    out = tmp_path / f"workers{workers}"
+    evaluate(to_objects(cfg), out)
+    return out, json.loads((out / "report" / "results.json").read_text())
+
+
+def test_every_method_that_needs_a_run_names_it():
+    needing = {
+        "task_tuning",
+        "gapg",
+        "prompt_router",
+        "probe_router",
+        "confidence_router",
+        "da_grpo_calibrated",
+    }
+    assert needing <= set(RUNS) <= set(METHODS)
+    assert RUNS["prompt_router"] == RUNS["task_tuning"] == ("grpo", "plain")
+    assert RUNS["gapg_calibrated"] == RUNS["gapg"] == ("gapg", None)
+    assert not {"cloud_only", "device_only", "device_with_help"} & set(RUNS)
+
+
+def test_parallel_training_matches_one_run_at_a_time(tmp_path):
+    parallel_dir, parallel = compare(tmp_path, 2)
+    serial_dir, serial = compare(tmp_path, 1)
+    seconds = parallel["context"]["method_seconds"]["0"]
+    assert (
+        list(seconds)[0] == "training (parallel)"
+        and "training (parallel)" not in serial["context"]["method_seconds"]["0"]
+    )
+    runs = sorted(p.relative_to(serial_dir) for p in serial_dir.glob("runs/*/seed0/checkpoints/step_000002"))
+    assert [str(r.parent.parent.parent.name) for r in runs] == ["gapg-answer_tags", "grpo-plain"]
+    for run in runs:
+        for part in ("policy.safetensors", "optimizer.safetensors"):
+            a, b = load_file(parallel_dir / run / part), load_file(serial_dir / run / part)
+            assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), f"{run}/{part} differs"
+    for name in ("task_tuning", "oracle_router", "gapg", "gapg_calibrated"):
+        assert parallel["methods"][name]["metrics"] == serial["methods"][name]["metrics"], name
+
+
+def test_train_workers_must_be_positive():
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose(config_name="evaluate", overrides=["experiment=smoke", "evaluate.train_workers=0"])
+    with pytest.raises(ConfigError, match="train_workers"):
+        to_objects(cfg)
