@@ -124,8 +124,9 @@ class EvalConfig:
     """Training prompts whose device outcomes label the prompt router."""
     train_workers: int = 1
     """Missing runs trained side by side before the methods are evaluated, each in its own process with
-    an equal share of the CPU cores (agents.baselines.trained.train_in_parallel). 1: each run is trained
-    in this process when its first method needs it."""
+    an equal share of the CPU cores (agents.baselines.trained.train_in_parallel), with the same
+    checkpoints as one at a time: for machines with more cores than one small run uses (on 2 cores it
+    gains nothing). 1: each run is trained in this process when its first method needs it."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:

@@ -116,10 +116,11 @@ def missing_runs(ctx: EvalContext, keys: Iterable[RunKey]) -> list[tuple[RunConf
 
 def train_in_parallel(runs: list[tuple[RunConfig, Path]], workers: int) -> None:
     """Trains `runs`, `workers` at a time, each in its own process with an equal share of the CPU cores
-    as torch threads. On a few cores a small model's step gains little from a second thread (its
-    matrices are too small to split well), so two one-thread runs side by side finish in about half
-    the time of the same runs one after the other. A run's checkpoints are its own: an interrupted
-    batch resumes where each run stopped."""
+    as torch threads; the checkpoints are the same as one run after the other (thread counts do not
+    change them, tests/test_parallel_runs.py). It pays where one run cannot use the cores a machine
+    has; on 2 idle cores torch's two threads already speed a tiny-arith update up 1.8x, and the main
+    job took the same time either way (docs/performance.md, "The main job's wall time"). Each run
+    keeps its own checkpoints: an interrupted batch resumes where each run stopped."""
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     print(
         f"[evaluate] training {len(runs)} runs, {workers} at a time with {threads} torch thread(s) each: "
