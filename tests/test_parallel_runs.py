@@ -6,32 +6,24 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
-from test_train_smoke import CONFIGS
+from test_train_smoke import compose_experiment
 
 from agents.baselines import METHODS, RUNS
 from agents.evaluate import evaluate
-from agents.registry import register_configs, to_objects
 from collab_env.errors import ConfigError
 
 METHODS_USED = "[task_tuning,oracle_router,gapg,gapg_calibrated]"
 
 
 def compare(tmp_path, workers: int):
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(
-            config_name="evaluate",
-            overrides=[
-                "experiment=smoke",
-                f"evaluate.methods={METHODS_USED}",
-                "train.steps=2",
-                f"evaluate.train_workers={workers}",
-            ],
-        )
+    run = compose_experiment(
+        "smoke",
+        [f"evaluate.methods={METHODS_USED}", "train.steps=2", f"evaluate.train_workers={workers}"],
+        entry="evaluate",
+    )
     out = tmp_path / f"workers{workers}"
-    evaluate(to_objects(cfg), out)
+    evaluate(run, out)
     return out, json.loads((out / "report" / "results.json").read_text())
 
 
@@ -68,8 +60,5 @@ def test_parallel_training_matches_one_run_at_a_time(tmp_path):
 
 
 def test_train_workers_must_be_positive():
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(config_name="evaluate", overrides=["experiment=smoke", "evaluate.train_workers=0"])
     with pytest.raises(ConfigError, match="train_workers"):
-        to_objects(cfg)
+        compose_experiment("smoke", ["evaluate.train_workers=0"], entry="evaluate")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
-from test_train_smoke import CONFIGS
+from test_train_smoke import CONFIGS, compose_experiment
 
 from agents.checkpoint import CheckpointError
 from agents.evaluate import evaluate
@@ -31,23 +31,14 @@ def simulated_cloud_accuracy(run, num_prompts: int) -> float:
 
 
 def test_report_from_a_smoke_run(tmp_path):
-    register_configs()
     methods = (
         "[device_only,cloud_only,task_tuning,random_offload,oracle_router,sb3_router,tianshou_router,gapg]"
     )
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(
-            config_name="evaluate",
-            # A 90%-accurate cloud: it gets one of the 16 held-out prompts wrong, so cloud-only accuracy
-            # is what the settings imply, not 1.0 by luck (the default 98% cloud answers all 16 right).
-            overrides=[
-                "experiment=smoke",
-                f"evaluate.methods={methods}",
-                "train.steps=2",
-                "cloud.accuracy=0.9",
-            ],
-        )
-    run = to_objects(cfg)
+    # A 90%-accurate cloud: it gets one of the 16 held-out prompts wrong, so cloud-only accuracy
+    # is what the settings imply, not 1.0 by luck (the default 98% cloud answers all 16 right).
+    run = compose_experiment(
+        "smoke", [f"evaluate.methods={methods}", "train.steps=2", "cloud.accuracy=0.9"], entry="evaluate"
+    )
     report = evaluate(run, tmp_path)
     text = report.read_text()
     labels = (

@@ -228,10 +228,11 @@ def test_half_written_checkpoints_are_never_loaded(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000004"]
 
 
-def compose_experiment(name: str, overrides: list[str]):
+def compose_experiment(name: str, overrides: list[str], entry: str = "train"):
+    """The RunConfig that `python -m agents.<entry> experiment=<name> <overrides>` runs with."""
     register_configs()
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        return to_objects(compose(config_name="train", overrides=[f"experiment={name}", *overrides]))
+        return to_objects(compose(config_name=entry, overrides=[f"experiment={name}", *overrides]))
 
 
 @pytest.mark.parametrize(
