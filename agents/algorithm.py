@@ -25,8 +25,9 @@ import torch
 from agents import distributed
 from agents.batch import Rollout
 from agents.config import TrainConfig
-from agents.policy import Policy, PolicyOutput
+from agents.policy import HelpChoices, Policy, PolicyOutput
 from collab_env.config import BudgetConfig
+from collab_env.errors import ConfigError
 
 
 class Algorithm(ABC):
@@ -35,15 +36,34 @@ class Algorithm(ABC):
     needs_values = False
     needs_entropy = False
     needs_reference = False
+    needs_decision = False
+    """True: `loss` gets `PolicyOutput.decision_logprobs`, the help decision's part of log pi."""
 
     def __init__(
-        self, config: Any, train: TrainConfig, budget: BudgetConfig, seed: int, max_new_tokens: int
+        self,
+        config: Any,
+        train: TrainConfig,
+        budget: BudgetConfig,
+        seed: int,
+        max_new_tokens: int,
+        help_choices: HelpChoices | None = None,
     ) -> None:
         self.config = config
         self.train = train
         self.budget = budget
         self.seed = seed
         self.max_new_tokens = max_new_tokens
+        self.help_choices = help_choices
+        if self.needs_decision and help_choices is None:
+            raise ConfigError(
+                f"{type(self).__name__} with these settings treats the help decision apart and needs the "
+                "env's help choices: pass help_choices=HelpChoices.of(env.unwrapped.help_branches())."
+            )
+
+    @property
+    def decision_choices(self) -> HelpChoices | None:
+        """What the policy needs to split log pi into decision and content, when this algorithm uses it."""
+        return self.help_choices if self.needs_decision else None
 
     def state_dict(self) -> dict[str, Any]:
         """What the algorithm carries from step to step (e.g. a Lagrange multiplier), JSON-serialisable:
@@ -118,22 +138,34 @@ def micro_batches(batch: Rollout, rows: torch.Tensor, size: int, device: torch.d
 
 @torch.no_grad()
 def score_batch(
-    policy: Policy, batch: Rollout, micro_batch_size: int, with_values: bool = False
+    policy: Policy,
+    batch: Rollout,
+    micro_batch_size: int,
+    with_values: bool = False,
+    help_choices: HelpChoices | None = None,
 ) -> PolicyOutput:
-    """Log-probabilities (and values) of every completion token under `policy`, without gradients."""
+    """Log-probabilities (and values, and decision log-probabilities) of every completion token under
+    `policy`, without gradients."""
     rows = by_length(batch, torch.arange(len(batch.prompt_ids)))
     logprobs = torch.zeros_like(batch.old_logprobs)
     values = torch.zeros_like(batch.old_logprobs) if with_values else None
+    decision = torch.zeros_like(batch.old_logprobs) if help_choices is not None else None
     for start in range(0, len(rows), micro_batch_size):
         index = rows[start : start + micro_batch_size]
         sub = trimmed(batch.select(index))
         out = policy(
-            sub.input_ids.to(policy.device), sub.attention_mask.to(policy.device), sub.completion_len
+            sub.input_ids.to(policy.device),
+            sub.attention_mask.to(policy.device),
+            sub.completion_len,
+            help_choices=help_choices,
         )
         logprobs[index, : sub.completion_len] = out.logprobs.cpu()
         if values is not None and out.values is not None:
             values[index, : sub.completion_len] = out.values.cpu()
-    return PolicyOutput(logprobs * batch.completion_mask, None, values)
+        if decision is not None and out.decision_logprobs is not None:
+            decision[index, : sub.completion_len] = out.decision_logprobs.cpu()
+    mask = batch.completion_mask
+    return PolicyOutput(logprobs * mask, None, values, None if decision is None else decision * mask)
 
 
 def single_update(algorithm: Algorithm) -> bool:
@@ -173,6 +205,7 @@ def update(
                     micro.attention_mask,
                     micro.completion_len,
                     with_entropy=algorithm.needs_entropy,
+                    help_choices=algorithm.decision_choices,
                 )
                 if old_from_policy:
                     micro.old_logprobs = out.logprobs.detach()

@@ -16,6 +16,13 @@ Skill keeping (issue 17, not the paper's estimator, off by default): `kl_anchor`
 kl_anchor * KL(pi(.|x) || pi_0(.|x)) to the loss of each kept prompt, the sequence-level KL to the
 frozen starting model pi_0, estimated by the k3 estimate summed over a sample's tokens and averaged
 over its G samples, so that the device's own answers do not drift away while it learns to call.
+With `kl_anchor_scope=content` the anchor covers only the content part of log pi below.
+
+Decoupled help decision (issue 17, in the spirit of Thinkless's DeGRPO; off by default): where the
+marker could start, log pi(y_t) = d_t + c_t exactly, the decision d_t (log p_help where the sample
+called, log(1 - p_help) where it did not) plus the content c_t (log pi(y_t | not calling);
+agents.policy.HelpChoices). `help_weight` w replaces sum_t log pi by sum_t (w d_t + c_t) in v3 eq. 2,
+so the call-or-not choice learns at its own rate; w = 1 is the paper's estimator.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from collab_env.errors import ConfigError
 
 SET1_RULES = ("any_local_correct", "mixed")
 SET2_ORDERS = ("random", "first")
+KL_ANCHOR_SCOPES = ("all", "content")
 
 
 @dataclass
@@ -60,6 +68,14 @@ class GAPGConfig(AgentConfig):
     """Skill keeping (issue 17): weight of the k3 KL estimate to the frozen starting model, per kept
     prompt the sequence-level KL (summed over tokens, averaged over the G samples), so that local
     accuracy does not fall during RL. 0 (the default) is the paper's GAPG and keeps no reference model."""
+    kl_anchor_scope: str = "all"
+    """What kl_anchor holds near the starting model: all (every token's whole distribution, help
+    decision included) or content (each token's distribution given not calling: the device's steps
+    and answers are anchored, where it calls is free to move)."""
+    help_weight: float = 1.0
+    """Weight of the help decision's part of log pi in the policy gradient (the decoupled decision in
+    the module docstring): above 1 the call-or-not choice learns faster than the content, 0 freezes it.
+    1 (the default) is the paper's GAPG."""
 
     def __post_init__(self) -> None:
         if self.set1_rule not in SET1_RULES:
@@ -71,6 +87,14 @@ class GAPGConfig(AgentConfig):
         if self.kl_anchor < 0:
             raise ConfigError(
                 f"agent.kl_anchor={self.kl_anchor} must be >= 0 (0: no KL anchor, the paper's GAPG)."
+            )
+        if self.kl_anchor_scope not in KL_ANCHOR_SCOPES:
+            raise ConfigError(
+                f"agent.kl_anchor_scope={self.kl_anchor_scope!r}; choose one of: {', '.join(KL_ANCHOR_SCOPES)}."
+            )
+        if self.help_weight < 0:
+            raise ConfigError(
+                f"agent.help_weight={self.help_weight} must be >= 0 (1: the paper's GAPG, no decoupling)."
             )
         if self.filter_ratio is not None and not 0 <= self.filter_ratio <= 1:
             raise ConfigError(f"agent.filter_ratio={self.filter_ratio} must be between 0 and 1 (or null).")
@@ -124,6 +148,11 @@ class GAPG(Algorithm):
     def needs_reference(self) -> bool:  # type: ignore[override]
         return self.config.kl_anchor > 0
 
+    @property
+    def needs_decision(self) -> bool:  # type: ignore[override]
+        config: GAPGConfig = self.config
+        return config.help_weight != 1 or (self.needs_reference and config.kl_anchor_scope == "content")
+
     def prepare(
         self, rollout: Rollout, step: int, policy: Policy, reference: Policy | None
     ) -> tuple[Rollout | None, dict[str, float]]:
@@ -156,17 +185,30 @@ class GAPG(Algorithm):
         batch.extras["advantages"] = weights[:, None] * batch.completion_mask
         batch.extras["coef"] = batch.completion_mask / len(chosen)
         if reference is not None:
-            batch.extras["ref_logprobs"] = score_batch(reference, batch, self.train.micro_batch_size).logprobs
+            scored = score_batch(
+                reference, batch, self.train.micro_batch_size, help_choices=self.decision_choices
+            )
+            batch.extras["ref_logprobs"] = self._anchored(scored)
         metrics["adv/abs_mean"] = float(weights.abs().mean())
         return batch, metrics
 
+    def _anchored(self, out: PolicyOutput) -> torch.Tensor:
+        """The part of log pi the KL anchor holds: all of it, or the content (log pi minus the decision)."""
+        if self.config.kl_anchor_scope == "content":
+            return out.logprobs - out.decision_logprobs
+        return out.logprobs
+
     def loss(self, out: PolicyOutput, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        config: GAPGConfig = self.config
         coef = batch.extras["coef"]
-        loss = gapg_loss(out.logprobs, batch.extras["advantages"], coef)
+        logprobs = out.logprobs
+        if config.help_weight != 1:
+            logprobs = logprobs + (config.help_weight - 1) * out.decision_logprobs
+        loss = gapg_loss(logprobs, batch.extras["advantages"], coef)
         metrics = {"loss/policy": loss.item()}
         if "ref_logprobs" in batch.extras:
             # coef holds 1/|S|; over G it averages the samples' summed-token KL estimates per prompt.
-            kl = (coef * kl_k3(out.logprobs, batch.extras["ref_logprobs"])).sum() / batch.group_size
-            loss = loss + self.config.kl_anchor * kl
+            kl = (coef * kl_k3(self._anchored(out), batch.extras["ref_logprobs"])).sum() / batch.group_size
+            loss = loss + config.kl_anchor * kl
             metrics["loss/kl"] = kl.item()
         return loss, metrics

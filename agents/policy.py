@@ -34,11 +34,73 @@ def pick_device(name: str) -> str:
 
 @dataclass
 class PolicyOutput:
-    """Per completion token (N, Lc): log pi(token | prefix), and optionally entropy and value V(prefix)."""
+    """Per completion token (N, Lc): log pi(token | prefix), and optionally entropy, value V(prefix)
+    and the help decision's part of log pi (`decision_logprobs`, see `HelpChoices`)."""
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    decision_logprobs: torch.Tensor | None = None
+
+
+def branch_positions(
+    completion: torch.Tensor, written: torch.Tensor, branches: tuple[HelpBranch, ...]
+) -> list[torch.Tensor]:
+    """Per branch, (N, Lc) True at the completion positions where its prefix has just been written,
+    i.e. where writing its token would start the marker: where the completion could call for help."""
+    completion_len = completion.shape[1]
+    open_at = []
+    for branch in branches:
+        width = len(branch.prefix)
+        at = written.bool().clone()
+        at[:, :width] = False
+        for offset, token in enumerate(branch.prefix):
+            at[:, width:] &= completion[:, offset : completion_len - width + offset] == token
+        open_at.append(at)
+    return open_at
+
+
+@dataclass(frozen=True)
+class HelpChoices:
+    """Where a completion could call for help, for splitting log pi into decision and content.
+
+    At a position where the marker could start, choosing a token is two choices: call (a help token,
+    probability p_help) or not, then which token. So log pi(y_t) = d_t + c_t exactly, with the
+    decision d_t = log p_help if y_t calls, log(1 - p_help) if not, and the content c_t = log pi(y_t
+    | the decision taken) (0 where it called with the only help token open); at every other position
+    d_t = 0. A bias on the help tokens' logits changes d_t and leaves c_t as it is."""
+
+    tokens: tuple[int, ...]
+    """The help tokens (the distinct branch tokens)."""
+    branches: tuple[HelpBranch, ...]
+
+    @classmethod
+    def of(cls, branches: list[HelpBranch]) -> HelpChoices:
+        return cls(tuple(dict.fromkeys(b.token for b in branches)), tuple(branches))
+
+    def open_tokens(self, completion: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """(N, Lc, len(tokens)) True where that help token would start the marker."""
+        open_at = branch_positions(completion, written, self.branches)
+        out = torch.zeros((*completion.shape, len(self.tokens)), dtype=torch.bool, device=completion.device)
+        for branch, at in zip(self.branches, open_at, strict=True):
+            out[..., self.tokens.index(branch.token)] |= at
+        return out
+
+
+def decision_logprobs(
+    logits: torch.Tensor,
+    log_norm: torch.Tensor,
+    targets: torch.Tensor,
+    tokens: torch.Tensor,
+    open_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """(N, Lc) d_t of `HelpChoices`: log p_help where the completion called, log(1 - p_help) where it
+    could have and did not, 0 elsewhere (p_help 0)."""
+    help_probs = torch.exp(logits[..., tokens] - log_norm[..., None]) * open_tokens
+    p_help = help_probs.sum(-1)
+    called = ((targets[..., None] == tokens) & open_tokens).any(-1)
+    # Clamped so that neither branch of the `where` has an infinite gradient.
+    return torch.where(called, torch.log(p_help.clamp(min=1e-30)), torch.log1p(-p_help.clamp(max=1 - 1e-6)))
 
 
 class Policy(nn.Module):
@@ -99,8 +161,10 @@ class Policy(nn.Module):
         attention_mask: torch.Tensor,
         completion_len: int,
         with_entropy: bool = False,
+        help_choices: HelpChoices | None = None,
     ) -> PolicyOutput:
-        """Scores the last `completion_len` tokens of each row given everything before them.
+        """Scores the last `completion_len` tokens of each row given everything before them (and, with
+        `help_choices`, the help decision's part of each token's log-probability).
 
         The prompt start all rows share (chat template and system prompt: most of a short prompt)
         goes through the model once and its keys and values serve every row; gradients flow through
@@ -118,7 +182,12 @@ class Policy(nn.Module):
         values = None
         if self.value_head is not None:
             values = self.value_head(hidden.float()).squeeze(-1)
-        return PolicyOutput(logprobs, entropy, values)
+        decision = None
+        if help_choices is not None:
+            open_tokens = help_choices.open_tokens(targets, attention_mask[:, -completion_len:])
+            tokens = torch.tensor(help_choices.tokens, device=targets.device)
+            decision = decision_logprobs(logits, log_norm, targets, tokens, open_tokens)
+        return PolicyOutput(logprobs, entropy, values, decision)
 
     def _completion_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
@@ -181,16 +250,9 @@ class Policy(nn.Module):
         A bias b on the help action's logit makes greedy decoding call at the first position whose
         margin exceeds -b, so sorting prompts by margin traces one trained policy's accuracy-vs-cloud-
         rate curve."""
-        completion = input_ids[:, -completion_len:]
-        written = attention_mask[:, -completion_len:].bool()
-        open_at = []
-        for branch in branches:
-            width = len(branch.prefix)
-            at = written.clone()
-            at[:, :width] = False
-            for offset, token in enumerate(branch.prefix):
-                at[:, width:] &= completion[:, offset : completion_len - width + offset] == token
-            open_at.append(at)
+        open_at = branch_positions(
+            input_ids[:, -completion_len:], attention_mask[:, -completion_len:], branches
+        )
         rows, columns = torch.stack(open_at).any(0).nonzero(as_tuple=True)
         best = torch.full((len(input_ids),), -math.inf, device=input_ids.device)
         if not len(rows):

@@ -24,6 +24,7 @@ from agents.config import FormatWarmupConfig, RolloutConfig, RunConfig, TrainCon
 from agents.da_grpo import DAGRPO, DAGRPOConfig
 from agents.gapg import GAPG, GAPGConfig
 from agents.grpo import GRPO, DrGRPOConfig, GRPOConfig
+from agents.policy import HelpChoices
 from agents.ppo import PPO, PPOConfig
 from collab_env.cloud import CLOUD_CONFIGS, cloud_config
 from collab_env.config import BudgetConfig, DeviceConfig, EnvConfig, TaskConfig
@@ -54,15 +55,21 @@ AGENTS: dict[str, Agent] = {
 
 
 def make_algorithm(
-    config: Any, train: TrainConfig, budget: BudgetConfig, seed: int, max_new_tokens: int
+    config: Any,
+    train: TrainConfig,
+    budget: BudgetConfig,
+    seed: int,
+    max_new_tokens: int,
+    help_choices: HelpChoices | None = None,
 ) -> Algorithm:
-    """The algorithm of the agent whose settings are `config`."""
+    """The algorithm of the agent whose settings are `config` (`help_choices`: where the env's
+    completions could call, for an algorithm that treats the help decision apart)."""
     name = getattr(config, "name", None)
     algorithm = AGENTS[name].algorithm if name in AGENTS else None
     if algorithm is None:
         trained_here = [n for n, agent in AGENTS.items() if agent.algorithm is not None]
         raise unknown_name("agent", name, trained_here, field="agent.name")
-    return algorithm(config, train, budget, seed, max_new_tokens)
+    return algorithm(config, train, budget, seed, max_new_tokens, help_choices)
 
 
 def register_configs() -> None:

@@ -20,7 +20,7 @@ from agents.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from agents.config import RunConfig
 from agents.evaluation import EvalResult, evaluate_policy
 from agents.metrics import rollout_metrics
-from agents.policy import Policy, pick_device
+from agents.policy import HelpChoices, Policy, pick_device
 from agents.registry import make_algorithm
 from agents.rollout import make_rollout
 from agents.run_log import RunLog
@@ -41,7 +41,14 @@ class Trainer:
         device_config = resolve_device(run)
         self.run = run = dataclasses.replace(run, device=device_config)
         self.env = make_env(run)
-        self.algorithm = make_algorithm(run.agent, run.train, run.budget, run.seed, run.env.max_new_tokens)
+        self.algorithm = make_algorithm(
+            run.agent,
+            run.train,
+            run.budget,
+            run.seed,
+            run.env.max_new_tokens,
+            HelpChoices.of(self.env.unwrapped.help_branches()),
+        )
         self.policy = Policy.load(
             device_config,
             self.device,

@@ -158,7 +158,7 @@ class _Reference:
 
     device = torch.device("cpu")
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int, **_):
         return PolicyOutput(-1.0 + math.log(2) * (input_ids[:, -completion_len:] == 5).float())
 
 
