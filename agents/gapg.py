@@ -78,19 +78,16 @@ class GAPGConfig(AgentConfig):
     1 (the default) is the paper's GAPG."""
 
     def __post_init__(self) -> None:
-        if self.set1_rule not in SET1_RULES:
-            raise ConfigError(f"agent.set1_rule={self.set1_rule!r}; choose one of: {', '.join(SET1_RULES)}.")
-        if self.set2_order not in SET2_ORDERS:
-            raise ConfigError(
-                f"agent.set2_order={self.set2_order!r}; choose one of: {', '.join(SET2_ORDERS)}."
-            )
+        for key, choices in (
+            ("set1_rule", SET1_RULES),
+            ("set2_order", SET2_ORDERS),
+            ("kl_anchor_scope", KL_ANCHOR_SCOPES),
+        ):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"agent.{key}={getattr(self, key)!r}; choose one of: {', '.join(choices)}.")
         if self.kl_anchor < 0:
             raise ConfigError(
                 f"agent.kl_anchor={self.kl_anchor} must be >= 0 (0: no KL anchor, the paper's GAPG)."
-            )
-        if self.kl_anchor_scope not in KL_ANCHOR_SCOPES:
-            raise ConfigError(
-                f"agent.kl_anchor_scope={self.kl_anchor_scope!r}; choose one of: {', '.join(KL_ANCHOR_SCOPES)}."
             )
         if self.help_weight < 0:
             raise ConfigError(

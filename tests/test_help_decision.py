@@ -4,19 +4,17 @@ content-only KL anchor, by hand and in two trainer steps."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from test_train_smoke import judge_first_token
+from test_train_smoke import compose_experiment, judge_first_token
 
 from agents.config import TrainConfig
 from agents.distributed import QuietLog
 from agents.gapg import GAPG, GAPGConfig, gapg_loss
 from agents.policy import HelpChoices, Policy, PolicyOutput, decision_logprobs
-from agents.registry import make_algorithm, register_configs, to_objects
+from agents.registry import make_algorithm
 from agents.trainer import Trainer
 from collab_env.config import BudgetConfig, DeviceConfig
 from collab_env.errors import ConfigError
@@ -119,19 +117,13 @@ def test_decoupled_settings_are_checked_and_need_the_help_choices():
 
 
 def test_content_anchor_and_help_weight_in_the_trainer(tmp_path):
-    register_configs()
-    configs = str(Path(__file__).resolve().parents[1] / "configs")
     overrides = [
-        "experiment=smoke",
         "agent=gapg",
         "agent.kl_anchor=0.1",
         "agent.kl_anchor_scope=content",
         "agent.help_weight=4.0",
-        "agent.filtering=false",
-        "train.steps=2",
     ]
-    with initialize_config_dir(config_dir=configs, version_base=None):
-        run = to_objects(compose(config_name="train", overrides=overrides))
+    run = compose_experiment("smoke", [*overrides, "agent.filtering=false", "train.steps=2"])
     trainer = Trainer(run, tmp_path)
     judge_first_token(trainer)
     assert trainer.algorithm.needs_decision and trainer.reference is not None
