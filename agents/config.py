@@ -12,7 +12,15 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from collab_env.config import SPLITS, BudgetConfig, DeviceConfig, EnvConfig, TaskConfig, check_range
+from collab_env.config import (
+    SPLITS,
+    BudgetConfig,
+    DeviceConfig,
+    EnvConfig,
+    TaskConfig,
+    check_choice,
+    check_range,
+)
 from collab_env.errors import ConfigError
 
 
@@ -30,8 +38,7 @@ class RolloutConfig:
     """Most sequences generated in one batch; larger rollouts are split."""
 
     def __post_init__(self) -> None:
-        if self.backend not in ("hf", "vllm", "env"):
-            raise ConfigError(f"rollout.backend={self.backend!r}; choose one of: env, hf, vllm.")
+        check_choice("rollout.backend", self.backend, ("env", "hf", "vllm"))
         if not 0 < self.temperature <= 10:
             raise ConfigError(f"rollout.temperature={self.temperature} must be in (0, 10] for training.")
         if not 0 < self.top_p <= 1:
@@ -90,8 +97,7 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be positive.")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device={self.device!r}; choose one of: auto, cpu, cuda.")
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         if self.lora_rank < 0 or self.save_every < 0 or self.eval_every < 0 or self.warmup_steps < 0:
             raise ConfigError(
                 "train.lora_rank, save_every, eval_every and warmup_steps must not be negative."

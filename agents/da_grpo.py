@@ -32,6 +32,7 @@ from agents.algorithm import Algorithm
 from agents.batch import Rollout
 from agents.config import AgentConfig
 from agents.policy import Policy, PolicyOutput
+from collab_env.config import check_choice
 from collab_env.errors import ConfigError
 
 CORRECTNESS = ("any", "hierarchical")
@@ -65,13 +66,9 @@ class DAGRPOConfig(AgentConfig):
     mean of per-prompt rates would equal the per-sample rate, as every prompt has G samples)."""
 
     def __post_init__(self) -> None:
-        for key, choices in (
-            ("correctness", CORRECTNESS),
-            ("cloud_use", CLOUD_USE),
-            ("rate_unit", RATE_UNITS),
-        ):
-            if getattr(self, key) not in choices:
-                raise ConfigError(f"agent.{key}={getattr(self, key)!r}; choose one of: {', '.join(choices)}.")
+        check_choice("agent.correctness", self.correctness, CORRECTNESS)
+        check_choice("agent.cloud_use", self.cloud_use, CLOUD_USE)
+        check_choice("agent.rate_unit", self.rate_unit, RATE_UNITS)
         if self.lambda_0 < 0:
             raise ConfigError(f"agent.lambda_0={self.lambda_0} must be >= 0 (a Lagrange multiplier).")
         if self.eta < 0:

@@ -38,6 +38,7 @@ from agents.batch import Rollout
 from agents.config import AgentConfig
 from agents.grpo import kl_k3
 from agents.policy import Policy, PolicyOutput
+from collab_env.config import check_choice
 from collab_env.errors import ConfigError
 
 SET1_RULES = ("any_local_correct", "mixed")
@@ -78,13 +79,9 @@ class GAPGConfig(AgentConfig):
     1 (the default) is the paper's GAPG."""
 
     def __post_init__(self) -> None:
-        for key, choices in (
-            ("set1_rule", SET1_RULES),
-            ("set2_order", SET2_ORDERS),
-            ("kl_anchor_scope", KL_ANCHOR_SCOPES),
-        ):
-            if getattr(self, key) not in choices:
-                raise ConfigError(f"agent.{key}={getattr(self, key)!r}; choose one of: {', '.join(choices)}.")
+        check_choice("agent.set1_rule", self.set1_rule, SET1_RULES)
+        check_choice("agent.set2_order", self.set2_order, SET2_ORDERS)
+        check_choice("agent.kl_anchor_scope", self.kl_anchor_scope, KL_ANCHOR_SCOPES)
         if self.kl_anchor < 0:
             raise ConfigError(
                 f"agent.kl_anchor={self.kl_anchor} must be >= 0 (0: no KL anchor, the paper's GAPG)."

@@ -20,6 +20,7 @@ from agents.algorithm import Algorithm, score_batch
 from agents.batch import Rollout
 from agents.config import AgentConfig
 from agents.policy import Policy, PolicyOutput
+from collab_env.config import check_choice
 from collab_env.errors import ConfigError
 
 LOSS_TYPES = ("grpo", "dr_grpo")
@@ -40,8 +41,7 @@ class GRPOConfig(AgentConfig):
     """Added to the group std before dividing (grpo only)."""
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"agent.loss_type={self.loss_type!r}; choose one of: {', '.join(LOSS_TYPES)}.")
+        check_choice("agent.loss_type", self.loss_type, LOSS_TYPES)
         if self.clip_epsilon <= 0 or (self.clip_epsilon_high is not None and self.clip_epsilon_high <= 0):
             raise ConfigError("agent.clip_epsilon (and clip_epsilon_high) must be positive.")
         if self.beta < 0 or self.std_epsilon <= 0:
