@@ -261,3 +261,11 @@ def test_presets_name_what_they_still_need():
     main, long = compose_experiment("arithmetic_cpu", []), compose_experiment("arithmetic_cpu_long", [])
     assert (long.train.steps, long.train.lr, long.name) == (600, 2e-4, "arithmetic_cpu_long")
     assert long.env == main.env and long.device == main.device and long.task == main.task
+
+
+def test_hidden_cpu_long_anchors_only_gapgs_content_and_trains_every_run_longer():
+    main, long = compose_experiment("hidden_cpu", []), compose_experiment("hidden_cpu_long", [])
+    assert (long.agent.name, long.agent.kl_anchor, long.agent.kl_anchor_scope) == ("gapg", 0.1, "content")
+    assert (long.train.steps, long.evaluate.seeds, long.name) == (240, [0, 1, 2], "hidden_cpu_long")
+    assert long.env == main.env and long.device == main.device and long.task == main.task
+    assert long.evaluate.methods == main.evaluate.methods
