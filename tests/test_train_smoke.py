@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from agents.algorithm import update
+from agents.baselines.trained import TASK_TUNED, variant
 from agents.batch import Rollout
 from agents.checkpoint import list_checkpoints
 from agents.config import AgentConfig, TrainConfig
@@ -269,3 +270,5 @@ def test_hidden_cpu_long_anchors_only_gapgs_content_and_trains_every_run_longer(
     assert (long.train.steps, long.evaluate.seeds, long.name) == (240, [0, 1, 2], "hidden_cpu_long")
     assert long.env == main.env and long.device == main.device and long.task == main.task
     assert long.evaluate.methods == main.evaluate.methods
+    for agent, template in (TASK_TUNED, ("grpo", None), ("da_grpo", None)):  # the anchor is GAPG's alone
+        assert variant(long, agent, template).agent == variant(main, agent, template).agent
