@@ -144,6 +144,12 @@ class Policy(nn.Module):
         return cls(model, load_tokenizer(device_config), value_head=value_head)
 
     @property
+    def transformers_model(self) -> nn.Module:
+        """The transformers model inside: for a LoRA policy peft's base model, whose linear layers
+        are peft's LoRA layers (calling them computes with the adapters); else the model itself."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -5,6 +5,8 @@
   DynamicCache loop's tokens and log-probabilities (1e-5) when greedy and when sampled.
 - The two-level inverse-CDF sampler draws with the right frequencies, never a zero-probability
   token, and returns log-softmax log-probabilities (1e-5).
+- A LoRA policy takes the static-cache decoder too, with its adapters: greedy `generate` of the peft
+  model, token for token.
 - A prompt start shared by all rows, computed once, gives the full forward's log-probabilities and values
   (1e-5) and gradients (1e-5 of their scale).
 - Micro-batches ordered by length accumulate the full-batch gradient (1e-5); the old log-probs of a
@@ -151,6 +153,32 @@ def test_hf_rollout_takes_the_fast_path_only_where_it_applies(make_env):
     engine = HFRollout(policy, env, RolloutConfig(max_batch=4))  # two chunks
     out = engine.generate(prompts, 6, greedy=True, seed=0, stop_rules=False)
     assert out.completions == transformers_greedy(model, prompts, 6)
+
+
+def test_a_lora_policy_decodes_on_the_fast_path_with_its_adapters(make_env, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    env = make_env(device={"name": "tiny-random", "dtype": "float32"})
+    model = get_peft_model(
+        load_model({"name": "tiny-random", "dtype": "float32"}),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+    )
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, where the adapters would change nothing
+            torch.nn.init.normal_(parameter, std=0.5)
+    policy = Policy(model, load_tokenizer("tiny-random"))
+    fast_calls = []
+    decode = StaticKVDecoder.decode
+    monkeypatch.setattr(StaticKVDecoder, "decode", lambda self, r: fast_calls.append(r) or decode(self, r))
+    ids = [p.id for p in env.unwrapped.task.problems("train")[:3]]
+    prompts = [env.unwrapped.prompt_tokens(pid) for pid in ids for _ in range(2)]
+    out = HFRollout(policy, env, RolloutConfig(max_batch=4)).generate(
+        prompts, 6, greedy=True, seed=0, stop_rules=False
+    )
+    assert len(fast_calls) == 2 and out.completions == transformers_greedy(model, prompts, 6)
+    with model.disable_adapter():
+        assert out.completions != transformers_greedy(model, prompts, 6)
 
 
 def test_inverse_cdf_sampler_frequencies_and_zero_probabilities():

@@ -11,7 +11,8 @@ prompt prefill is recomputed for each of the G copies of a prompt and for the sy
 all share, and `torch.multinomial` draws one exponential per vocabulary entry. The fast path
 preallocates the cache, attends each KV head once for the query heads that share it, prefills a
 shared prefix once and each distinct prompt once, and samples by inverse CDF (one uniform per
-row). Any other model (or a LoRA-wrapped one) takes `decode_dynamic`, the generic loop.
+row). A LoRA policy takes it too (its base model's projections are peft's LoRA layers); any other
+model takes `decode_dynamic`, the generic loop.
 """
 
 from __future__ import annotations
@@ -290,7 +291,9 @@ class HFRollout(GeneratingRollout):
         model = self.policy.model
         was_training = model.training
         model.eval()
-        fast = StaticKVDecoder(model) if StaticKVDecoder.supports(model) else None
+        # A LoRA policy's base model calls peft's LoRA layers as its projections: the fast path fits it too.
+        base = self.policy.transformers_model
+        fast = StaticKVDecoder(base) if StaticKVDecoder.supports(base) else None
         completions: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         # Similar lengths pad less; the sort is stable, so the G copies of a prompt stay together.
