@@ -25,7 +25,7 @@ import torch
 from agents import distributed
 from agents.batch import Rollout
 from agents.config import TrainConfig
-from agents.policy import HelpChoices, Policy, PolicyOutput
+from agents.policy import HelpChoices, Policy, PolicyOutput, shared_start
 from collab_env.config import BudgetConfig
 from collab_env.errors import ConfigError
 
@@ -118,6 +118,42 @@ def by_length(batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
     return rows[torch.argsort(key, stable=True)]
 
 
+def by_group(batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` group by group, the groups ordered by their longest completion and each group's rows
+    by length, so a micro-batch holds whole groups, whose prompt `Policy.forward` computes once."""
+    completion = batch.completion_mask.sum(dim=1).long()
+    group = batch.groups.long()
+    longest = torch.zeros(int(group.max()) + 1, dtype=torch.long).scatter_reduce(0, group, completion, "amax")
+    width = batch.completion_len + 1
+    key = (longest[group[rows]] * (int(group.max()) + 1) + group[rows]) * width + completion[rows]
+    return rows[torch.argsort(key, stable=True)]
+
+
+def forward_cost(batch: Rollout, rows: torch.Tensor, size: int, head_cost: float) -> float:
+    """Columns the model computes for micro-batches of `size` taken from `rows` in this order, as
+    `Policy.forward` computes them: each distinct prompt's part after the start all rows share once,
+    then every row's completion, padded to the micro-batch's longest (`head_cost`: the LM head's
+    extra cost per completion column, `Policy.head_cost`)."""
+    prompt_width = batch.input_ids.shape[1] - batch.completion_len
+    lengths = batch.attention_mask[:, :prompt_width].sum(dim=1)
+    start = shared_start(batch.input_ids, prompt_width - lengths, int(lengths.min()))
+    completion = batch.completion_mask.sum(dim=1)
+    cost = 0.0
+    for index in rows.split(size):
+        prompts = len(batch.groups[index].unique())
+        own = int(lengths[index].max()) - start
+        cost += prompts * own + len(index) * int(completion[index].max()) * (1 + head_cost)
+    return cost
+
+
+def micro_batch_order(batch: Rollout, rows: torch.Tensor, size: int, head_cost: float) -> torch.Tensor:
+    """`rows` in whichever order costs less to compute in micro-batches of `size` (`forward_cost`):
+    by length, which pads least, or group by group, which computes each prompt once."""
+    return min(
+        (by_length(batch, rows), by_group(batch, rows)), key=lambda o: forward_cost(batch, o, size, head_cost)
+    )
+
+
 def micro_batches(batch: Rollout, rows: torch.Tensor, size: int, device: torch.device) -> Iterator[Rollout]:
     """Trimmed micro-batches of `rows`, moved to `device`."""
     for start in range(0, len(rows), size):
@@ -146,7 +182,7 @@ def score_batch(
 ) -> PolicyOutput:
     """Log-probabilities (and values, and decision log-probabilities) of every completion token under
     `policy`, without gradients."""
-    rows = by_length(batch, torch.arange(len(batch.prompt_ids)))
+    rows = micro_batch_order(batch, torch.arange(len(batch.prompt_ids)), micro_batch_size, policy.head_cost)
     logprobs = torch.zeros_like(batch.old_logprobs)
     values = torch.zeros_like(batch.old_logprobs) if with_values else None
     decision = torch.zeros_like(batch.old_logprobs) if help_choices is not None else None
@@ -198,7 +234,8 @@ def update(
         order = torch.randperm(n, generator=generator) if config.minibatches > 1 else torch.arange(n)
         for rows in order.chunk(config.minibatches):
             optimizer.zero_grad(set_to_none=True)
-            own = by_length(batch, torch.as_tensor(distributed.shard(rows.tolist()), dtype=torch.long))
+            own = torch.as_tensor(distributed.shard(rows.tolist()), dtype=torch.long)
+            own = micro_batch_order(batch, own, train.micro_batch_size, policy.head_cost)
             for micro in micro_batches(batch, own, train.micro_batch_size, policy.device):
                 out = policy(
                     micro.input_ids,

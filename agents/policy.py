@@ -2,8 +2,8 @@
 
 Sequences are laid out as [left-padded prompt | right-padded completion], so every completion
 starts at the same column `prompt_len`; only the logits of completion positions are computed,
-which matters when prompts are long and the vocabulary is large, and the prompt start that all
-rows share is computed once.
+which matters when prompts are long and the vocabulary is large; the prompt start that all
+rows share is computed once, and so is each prompt's own part, whatever the number of its completions.
 """
 
 from __future__ import annotations
@@ -103,6 +103,49 @@ def decision_logprobs(
     return torch.where(called, torch.log(p_help.clamp(min=1e-30)), torch.log1p(-p_help.clamp(max=1 - 1e-6)))
 
 
+def distinct_prompts(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first row of each distinct (left-padded) prompt, and each row's index among those."""
+    key = torch.cat([prompt_ids * prompt_mask, prompt_mask], dim=1)  # the ids under padding do not count
+    _, prompt_of_row = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((int(prompt_of_row.max()) + 1,), len(key), device=key.device)
+    return first.scatter_reduce(0, prompt_of_row, rows, reduce="amin"), prompt_of_row
+
+
+def shared_start(input_ids: torch.Tensor, starts: torch.Tensor, shortest: int) -> int:
+    """Tokens at the start of every row's prompt (row i's begins at column starts[i]) that all rows
+    share, leaving at least one prompt token of each row (the `shortest` prompt's length) its own."""
+    if len(input_ids) < 2 or shortest < 2:
+        return 0
+    offsets = torch.arange(shortest - 1, device=input_ids.device)
+    tokens = input_ids.gather(1, starts[:, None] + offsets[None])
+    same = (tokens == tokens[:1]).all(dim=0).long()
+    return int(same.cumprod(dim=0).sum())
+
+
+def _extend(
+    decoder: nn.Module,
+    cache: DynamicCache | None,
+    past_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states of `input_ids` after the columns in `cache` (masked by `past_mask`; their
+    keys and values join the cache), and the attention mask of all the columns."""
+    mask = torch.cat([past_mask, attention_mask], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_mask.shape[1] :]
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=cache is not None,
+    )
+    return out.last_hidden_state, mask
+
+
 class Policy(nn.Module):
     """Wraps a causal LM (optionally LoRA, optionally with a scalar value head for PPO)."""
 
@@ -198,47 +241,73 @@ class Policy(nn.Module):
     def _completion_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
     ) -> torch.Tensor:
-        """Final hidden states of the positions that predict the completion tokens (N, Lc, hidden)."""
+        """Final hidden states of the positions that predict the completion tokens (N, Lc, hidden).
+
+        Each part of a row goes through the model once for every row that has it: the prompt start
+        all rows share, then each distinct prompt's own part (once, not once for each of its G
+        completions), then every row's completion, attending to the cached keys and values before it.
+        """
         decoder = self.model.get_decoder()
         rows, prompt_width = len(input_ids), input_ids.shape[1] - completion_len
+        prompts, prompt_of_row = distinct_prompts(
+            input_ids[:, :prompt_width], attention_mask[:, :prompt_width]
+        )
+        checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        if checkpointing or len(prompts) == rows:
+            cache, past, ids, mask = self._shared_start(decoder, input_ids, attention_mask, prompt_width)
+            return _extend(decoder, cache, past, ids, mask)[0][:, -completion_len - 1 : -1]
+        cache, past, ids, mask = self._shared_start(
+            decoder, input_ids[prompts, :prompt_width], attention_mask[prompts, :prompt_width], prompt_width
+        )
+        cache = DynamicCache() if cache is None else cache
+        prompt_hidden, prompt_mask = _extend(decoder, cache, past, ids, mask)
+        cache.batch_select_indices(prompt_of_row)  # each row attends to its prompt's keys and values
+        completion_hidden, _ = _extend(
+            decoder,
+            cache,
+            prompt_mask[prompt_of_row],
+            input_ids[:, prompt_width:],
+            attention_mask[:, prompt_width:],
+        )
+        return torch.cat([prompt_hidden[prompt_of_row, -1:], completion_hidden[:, :-1]], dim=1)
+
+    def _shared_start(
+        self, decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    ) -> tuple[DynamicCache | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompt start every row shares, computed once into a cache repeated for every row: that
+        cache (None when nothing is shared), its attention mask, and the columns left to compute with
+        their mask."""
+        rows = len(input_ids)
         lengths = attention_mask[:, :prompt_width].sum(dim=1)
         starts = prompt_width - lengths  # prompts are left-padded: row i's starts at column starts[i]
         prefix = self._shared_prefix_len(input_ids, starts, int(lengths.min()))
-        cache = None
-        if prefix:
-            cache = DynamicCache()
-            first = int(starts[0])
-            decoder(input_ids=input_ids[:1, first : first + prefix], past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(rows)
-            # Keep the columns from where the longest prompt's own part begins; in shorter rows the
-            # first of them still hold (a copy of) the shared prefix or padding, which is masked out.
-            cut = prompt_width - (int(lengths.max()) - prefix)
-            columns = torch.arange(cut, input_ids.shape[1], device=input_ids.device)
-            own = (columns[None] >= (starts + prefix)[:, None]).to(attention_mask.dtype) * attention_mask[
-                :, cut:
-            ]
-            input_ids = input_ids[:, cut:]
-            attention_mask = torch.cat([attention_mask.new_ones((rows, prefix)), own], dim=1)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prefix:]
-        out = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-        return out.last_hidden_state[:, -completion_len - 1 : -1]
+        if not prefix:
+            return None, attention_mask[:, :0], input_ids, attention_mask
+        cache = DynamicCache()
+        first = int(starts[0])
+        decoder(input_ids=input_ids[:1, first : first + prefix], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(rows)
+        # Keep the columns from where the longest prompt's own part begins; in shorter rows the
+        # first of them still hold (a copy of) the shared prefix or padding, which is masked out.
+        cut = prompt_width - (int(lengths.max()) - prefix)
+        columns = torch.arange(cut, input_ids.shape[1], device=input_ids.device)
+        own = (columns[None] >= (starts + prefix)[:, None]).to(attention_mask.dtype) * attention_mask[:, cut:]
+        return cache, attention_mask.new_ones((rows, prefix)), input_ids[:, cut:], own
 
     def _shared_prefix_len(self, input_ids: torch.Tensor, starts: torch.Tensor, shortest: int) -> int:
-        """Tokens at the start of every row's prompt that all rows share (at least one prompt token of
-        each row stays its own), or 0 when sharing does not pay or cannot be used."""
-        if len(input_ids) < 2 or shortest < 2 or getattr(self.model, "is_gradient_checkpointing", False):
+        """`shared_start` where computing it once pays and can be used, else 0."""
+        if getattr(self.model, "is_gradient_checkpointing", False):
             return 0  # gradient checkpointing drops the cache the prefix would live in
-        offsets = torch.arange(shortest - 1, device=input_ids.device)
-        tokens = input_ids.gather(1, starts[:, None] + offsets[None])
-        same = (tokens == tokens[:1]).all(dim=0).long()
-        length = int(same.cumprod(dim=0).sum())
+        length = shared_start(input_ids, starts, shortest)
         return length if length >= SHARED_PREFIX_MIN else 0
+
+    @property
+    def head_cost(self) -> float:
+        """Multiply-adds of the LM head per position over the decoder's: the head runs on completion
+        positions only, so a completion column costs 1 + head_cost prompt columns."""
+        head = self.model.get_output_embeddings().weight.numel()
+        decoder = sum(p.numel() for p in self.model.get_decoder().parameters())
+        return head / (decoder - self.model.get_input_embeddings().weight.numel())
 
     @torch.no_grad()
     def help_margins(

@@ -157,6 +157,7 @@ class _Reference:
     """A frozen "starting model" whose log-prob of token 5 is -1 + ln 2 and of any other token -1."""
 
     device = torch.device("cpu")
+    head_cost = 0.0
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int, **_):
         return PolicyOutput(-1.0 + math.log(2) * (input_ids[:, -completion_len:] == 5).float())

@@ -7,9 +7,11 @@
   token, and returns log-softmax log-probabilities (1e-5).
 - A LoRA policy takes the static-cache decoder too, with its adapters: greedy `generate` of the peft
   model, token for token.
-- A prompt start shared by all rows, computed once, gives the full forward's log-probabilities and values
-  (1e-5) and gradients (1e-5 of their scale).
-- Micro-batches ordered by length accumulate the full-batch gradient (1e-5); the old log-probs of a
+- A prompt start shared by all rows and each prompt's own part, computed once, give the full
+  forward's log-probabilities and values (1e-5) and gradients (1e-5 of their scale).
+- Micro-batches keep each prompt's completions together where that computes less than ordering them
+  by length, and not where it does not.
+- Micro-batches (in the order chosen) accumulate the full-batch gradient (1e-5); the old log-probs of a
   single update taken from its own forward pass give the gradient of a separate scoring pass (1e-5);
   scoring ordered by length equals scoring row by row (1e-5).
 """
@@ -30,7 +32,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from agents.algorithm import score_batch, update
+from agents.algorithm import by_length, forward_cost, micro_batch_order, score_batch, update
 from agents.batch import Rollout, pad_batch
 from agents.config import RolloutConfig, TrainConfig
 from agents.gapg import GAPGConfig
@@ -257,6 +259,44 @@ def test_micro_batches_accumulate_the_full_batch_gradient(config):
     assert max(g.abs().max() for g in full.values()) > 1e-3  # the comparison is not between zeros
 
 
+def grouped_batch(own: int, completion_lengths: list[int]) -> Rollout:
+    """2 prompts x 4 completions: a 10-token start both prompts share, then `own` tokens of each."""
+    rng = np.random.default_rng(2)
+    start = rng.integers(3, VOCAB, 10)
+    prompts = [np.concatenate([start, rng.integers(3, VOCAB, own)]) for _ in range(2)]
+    completions = [rng.integers(3, VOCAB, n).tolist() for n in completion_lengths]
+    generation = Generation(completions, [[0.0] * len(c) for c in completions])
+    input_ids, attention, completion_mask, _ = pad_batch(
+        [p for p in prompts for _ in range(4)], generation, 0
+    )
+    return Rollout(
+        prompt_ids=[0] * 4 + [1] * 4,
+        groups=torch.arange(8) // 4,
+        group_size=4,
+        input_ids=input_ids,
+        attention_mask=attention,
+        completion_mask=completion_mask,
+        old_logprobs=torch.zeros_like(completion_mask),
+        rewards=torch.zeros(8),
+        infos=[{} for _ in range(8)],
+    )
+
+
+def test_micro_batches_keep_groups_together_where_that_computes_less():
+    """Long own prompt parts, completions of similar length: whole groups, each prompt computed once.
+    Short own parts, completions of 1 or 9 tokens: by length, the padding costs more."""
+    long_prompts = grouped_batch(own=20, completion_lengths=[3, 4, 3, 4, 4, 3, 4, 3])
+    order = micro_batch_order(long_prompts, torch.arange(8), 4, head_cost=0.3)
+    assert [long_prompts.groups[rows].tolist() for rows in order.split(4)] == [[0] * 4, [1] * 4]
+    assert forward_cost(long_prompts, order, 4, 0.3) < forward_cost(
+        long_prompts, by_length(long_prompts, order), 4, 0.3
+    )
+    short_prompts = grouped_batch(own=1, completion_lengths=[1, 9, 1, 9, 9, 1, 9, 1])
+    order = micro_batch_order(short_prompts, torch.arange(8), 4, head_cost=0.3)
+    lengths = short_prompts.completion_mask.sum(1).long()
+    assert [lengths[rows].tolist() for rows in order.split(4)] == [[1] * 4, [9] * 4]
+
+
 def test_old_logprobs_from_the_update_pass_equal_a_scoring_pass():
     config = GRPOConfig()
     rescored = accumulated_gradient(config, micro_batch_size=3, rescore=True)
@@ -384,11 +424,12 @@ def test_vllm_rollout_backend(make_env, tmp_path):
     torch.testing.assert_close(greedy.old_logprobs, rescored, rtol=0, atol=1e-3)
 
 
-def prefix_batch() -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The shared-prefix prompts of `prompts_like_training` (10 shared tokens, tails of 3-7) with
-    completions of 1-6 tokens, laid out as a rollout lays them out."""
+def prefix_batch(rows: int = 9) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The first `rows` prompts of `prompts_like_training` (9: three prompts x 3, 10 shared tokens and
+    tails of 3-7; 10: and one that shares nothing) with completions of 1-6 tokens, laid out as a
+    rollout lays them out."""
     rng = np.random.default_rng(1)
-    prompts = prompts_like_training()[:9]
+    prompts = prompts_like_training()[:rows]
     completions = [rng.integers(3, VOCAB, int(n)).tolist() for n in rng.integers(1, 7, len(prompts))]
     generation = Generation(completions, [[0.0] * len(c) for c in completions])
     input_ids, attention, completion_mask, _ = pad_batch(prompts, generation, pad_id=0)
@@ -396,12 +437,20 @@ def prefix_batch() -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_a_shared_prompt_prefix_computed_once_gives_the_full_forward(kind):
+@pytest.mark.parametrize("rows", [9, 10])
+def test_shared_prompt_parts_computed_once_give_the_full_forward(kind, rows):
+    """With 9 rows the 10-token start is computed once, each prompt's tail once for its 3 rows, then
+    the completions; with a 10th row that shares no start, each of the 4 prompts once, then the completions."""
     policy = Policy(tiny(kind), _Vocabulary(), value_head=True)
     torch.nn.init.normal_(policy.value_head.weight)
-    input_ids, attention, completion_len = prefix_batch()
-    starts = input_ids.shape[1] - completion_len - attention[:, : input_ids.shape[1] - completion_len].sum(1)
-    assert policy._shared_prefix_len(input_ids, starts, 13) == 10
+    input_ids, attention, completion_len = prefix_batch(rows)
+    prompt_width = input_ids.shape[1] - completion_len
+    starts = prompt_width - attention[:, :prompt_width].sum(1)
+    assert policy._shared_prefix_len(input_ids, starts, 4 if rows == 10 else 13) == (0 if rows == 10 else 10)
+    tokens = []
+    hook = policy.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: tokens.append(args[0].numel())
+    )
 
     def reference() -> tuple[torch.Tensor, torch.Tensor]:
         """A plain full forward of every row, the path this speed-up replaces."""
@@ -428,6 +477,10 @@ def test_a_shared_prompt_prefix_computed_once_gives_the_full_forward(kind):
         grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})
         if len(grads) == 1:
             expected = (logprobs.detach() * mask, values.detach() * mask)
+    hook.remove()
+    # the reference; then ours: (the start once,) each prompt's part after it once, each row's completion
+    prompts = [10, 3 * 7] if rows == 9 else [4 * prompt_width]
+    assert tokens == [rows * input_ids.shape[1], *prompts, rows * completion_len]
     torch.testing.assert_close(logprobs.detach() * mask, expected[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(values.detach() * mask, expected[1], rtol=0, atol=1e-5)
     for name, grad in grads[0].items():  # float32 rounding, relative to the gradient's scale
