@@ -90,6 +90,20 @@ def test_smoke_training_runs_for_each_agent(agent, tmp_path):
     assert len(changed) > len(before) // 2, changed
 
 
+def test_lora_trains_and_checkpoints_only_the_adapters(tmp_path):
+    run = smoke_run(["agent=gapg", "agent.filtering=false", "train.lora_rank=4", "train.lr=1e-2"])
+    trainer = Trainer(run, tmp_path)
+    judge_first_token(trainer)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.fit()
+    after = trainer.policy.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    adapters = {k for k in before if "lora_" in k}
+    assert adapters and changed == adapters  # every adapter moved (B from zero, then A), nothing else
+    saved = load_file(str(list_checkpoints(tmp_path)[-1] / "policy.safetensors"))
+    assert set(saved) == adapters and all(torch.equal(saved[k], after[k]) for k in saved)
+
+
 TOY_VOCAB, RIGHT, WRONG = 64, 7, 11
 TOY_PROMPTS = torch.tensor([[3, 4, 5, 6], [9, 8, 7, 6]])
 

@@ -114,8 +114,7 @@ def prompt_hidden_states(ctx: EvalContext, split: str, prompt_ids: list[int]) ->
     template, the prompt the device answers), before it writes anything."""
     policy, _ = trained_policy(ctx, *TASK_TUNED)
     env = ctx.env("plain", no_cloud(), split).unwrapped
-    # A LoRA-wrapped model: its causal LM with the adapters in place (whose `base_model` is the decoder).
-    model = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
+    model = policy.transformers_model
     prompts = [env.prompt_tokens(i) for i in prompt_ids]
     return device_features(model, prompts, int(env.tokenizer.pad_token_id), ctx.run.evaluate.max_batch)
 
