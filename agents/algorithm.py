@@ -229,7 +229,8 @@ def update(
     n = len(batch.prompt_ids)
     totals: dict[str, float] = {}
     grad_norms = []
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # The optimizer's parameters hold the gradients: the fp32 master weights of a bf16 policy, else its own.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=generator) if config.minibatches > 1 else torch.arange(n)
         for rows in order.chunk(config.minibatches):

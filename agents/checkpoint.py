@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from agents.precision import MasterWeights, trainable_parameters
 from collab_env.errors import DeviceCloudError
 
 _STEP_PREFIX = "step_"
@@ -86,12 +87,7 @@ def _load_optimizer(
 
 def trainable_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters by name, contiguous and unshared (tied weights are stored once)."""
-    out, seen = {}, set()
-    for name, param in module.named_parameters():
-        if param.requires_grad and id(param) not in seen:
-            seen.add(id(param))
-            out[name] = param.detach().cpu().contiguous()
-    return out
+    return {name: param.detach().cpu().contiguous() for name, param in trainable_parameters(module)}
 
 
 def load_parameters(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -115,15 +111,21 @@ def save_checkpoint(
     scheduler: Any,
     extra_state: dict[str, Any],
     keep_last: int,
+    master: MasterWeights | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep_last`."""
+    """Write checkpoint `step` atomically and keep only the newest `keep_last`.
+
+    With `master`, the weights stored are its fp32 copies, so a resumed run continues from the same
+    full-precision state as one that never stopped.
+    """
     root = Path(run_dir) / "checkpoints"
     final = root / f"{_STEP_PREFIX}{step:06d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     for leftover in root.glob(f".{_STEP_PREFIX}*"):  # half-written or half-deleted by a killed run
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_tensors(module), str(tmp / "policy.safetensors"))
+    weights = master.tensors() if master is not None else trainable_tensors(module)
+    save_file(weights, str(tmp / "policy.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     rng_json, rng_tensors = _rng_state()
     save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
@@ -161,9 +163,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any
+    path: Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    master: MasterWeights | None = None,
 ) -> dict[str, Any]:
-    """Restore weights (and optimizer, scheduler, RNG states when given); returns state.json."""
+    """Restore weights (and optimizer, scheduler, RNG states, master weights when given); returns state.json."""
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
@@ -174,6 +180,8 @@ def load_checkpoint(
             f"checkpoint {path} is unreadable ({err}); delete it to resume from an earlier one."
         ) from err
     load_parameters(module, weights, path)
+    if master is not None:
+        master.load(weights)
     if optimizer is not None:
         rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         _load_optimizer(

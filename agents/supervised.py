@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import collab_env  # noqa: F401  (registers DeviceCloud-v0)
 from agents.config import FormatWarmupConfig
+from agents.precision import adamw
 from collab_env.config import DeviceConfig, EnvConfig, TaskConfig, coerce
 from collab_env.errors import ConfigError
 from collab_env.tasks import HELP_MARKER, Problem
@@ -263,13 +264,15 @@ def fit(
     seed: int,
     vocabulary: CompactVocabulary | None = None,
     desc: str = "warm-up",
+    master_weights: bool = True,
 ) -> list[float]:
     """Supervised training on completions (AdamW, warm-up then cosine); returns the loss of every step.
 
-    With `vocabulary`, `model` is the compact model of a from-scratch build.
+    With `vocabulary`, `model` is the compact model of a from-scratch build. A bf16 model trains on
+    fp32 master weights unless `master_weights` is off (`agents/precision.py`).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    optimizer, _ = adamw(model, lr, (0.9, 0.98), 0.0, master_weights)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     warmup = max(1, round(_WARMUP_FRACTION * steps))
 
     def schedule(step: int) -> float:
@@ -312,7 +315,14 @@ def format_warmup(policy: Any, run: Any) -> list[float]:
     problems = training_problems(env.unwrapped.task, config.levels, "warmup.levels")
     data = SupervisedData(env, problems, config.marker_fraction)
     losses = fit(
-        policy.model, data, config.steps, config.batch_size, config.lr, config.seed, desc="format warm-up"
+        policy.model,
+        data,
+        config.steps,
+        config.batch_size,
+        config.lr,
+        config.seed,
+        desc="format warm-up",
+        master_weights=run.train.master_weights,
     )
     env.close()
     return losses

@@ -21,6 +21,7 @@ from agents.config import RunConfig
 from agents.evaluation import EvalResult, evaluate_policy
 from agents.metrics import rollout_metrics
 from agents.policy import HelpChoices, Policy, pick_device
+from agents.precision import adamw
 from agents.registry import make_algorithm
 from agents.rollout import make_rollout
 from agents.run_log import RunLog
@@ -64,9 +65,12 @@ class Trainer:
             self.reference = Policy.load(device_config, self.device)
             self.reference.requires_grad_(False)
         self.engine = make_rollout(self.policy, self.env, run.rollout, run.seed)
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=run.train.lr, betas=tuple(run.train.betas), weight_decay=run.train.weight_decay
+        self.optimizer, self.master = adamw(
+            self.policy,
+            run.train.lr,
+            tuple(run.train.betas),
+            run.train.weight_decay,
+            run.train.master_weights,
         )
         warmup = run.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -90,7 +94,7 @@ class Trainer:
         found = list_checkpoints(self.run_dir) if resume == "auto" else [Path(resume)]
         if not found:
             return 0
-        state = load_checkpoint(found[-1], self.policy, self.optimizer, self.scheduler)
+        state = load_checkpoint(found[-1], self.policy, self.optimizer, self.scheduler, self.master)
         check_same_run(found[-1], state["config"], self.run)
         self.algorithm.load_state_dict(state.get("algorithm", {}))
         budget = state.get("budget", {})
@@ -208,5 +212,12 @@ class Trainer:
             "algorithm": self.algorithm.state_dict(),
         }
         return save_checkpoint(
-            self.run_dir, step, self.policy, self.optimizer, self.scheduler, extra, self.train.keep_last
+            self.run_dir,
+            step,
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            extra,
+            self.train.keep_last,
+            self.master,
         )
