@@ -35,13 +35,14 @@ class MasterWeights:
     def __init__(self, module: torch.nn.Module) -> None:
         self.model_params = dict(trainable_parameters(module))
         self.masters: dict[str, torch.Tensor] = {}
+        self.hooks = []
         for name, param in self.model_params.items():
             if param.dtype == torch.float32:
                 self.masters[name] = param
                 continue
             master = param.detach().float().clone().requires_grad_(True)
             self.masters[name] = master
-            param.register_post_accumulate_grad_hook(self._accumulate_into(master))
+            self.hooks.append(param.register_post_accumulate_grad_hook(self._accumulate_into(master)))
 
     @staticmethod
     def _accumulate_into(master: torch.Tensor):
@@ -60,6 +61,13 @@ class MasterWeights:
     def parameters(self) -> list[torch.Tensor]:
         """What the optimizer steps: the fp32 copies, and the fp32 parameters themselves."""
         return list(self.masters.values())
+
+    def release(self) -> None:
+        """Stop moving the model's gradients to the copies (when their training ends and another
+        optimizer takes over the model, as after the format warm-up)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
     def round_into_model(self) -> None:
         with torch.no_grad():

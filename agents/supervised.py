@@ -271,7 +271,7 @@ def fit(
     With `vocabulary`, `model` is the compact model of a from-scratch build. A bf16 model trains on
     fp32 master weights unless `master_weights` is off (`agents/precision.py`).
     """
-    optimizer, _ = adamw(model, lr, (0.9, 0.98), 0.0, master_weights)
+    optimizer, master = adamw(model, lr, (0.9, 0.98), 0.0, master_weights)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     warmup = max(1, round(_WARMUP_FRACTION * steps))
 
@@ -300,6 +300,8 @@ def fit(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
+    if master is not None:
+        master.release()
     model.train(was_training)
     return losses
 
