@@ -26,6 +26,7 @@ from agents import distributed
 from agents.batch import Rollout
 from agents.config import TrainConfig
 from agents.policy import HelpChoices, Policy, PolicyOutput, shared_start
+from agents.precision import stepped_parameters
 from collab_env.config import BudgetConfig
 from collab_env.errors import ConfigError
 
@@ -229,8 +230,7 @@ def update(
     n = len(batch.prompt_ids)
     totals: dict[str, float] = {}
     grad_norms = []
-    # The optimizer's parameters hold the gradients: the fp32 master weights of a bf16 policy, else its own.
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = stepped_parameters(optimizer)
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=generator) if config.minibatches > 1 else torch.arange(n)
         for rows in order.chunk(config.minibatches):

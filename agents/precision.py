@@ -91,6 +91,12 @@ class MasterWeights:
         self.round_into_model()
 
 
+def stepped_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors `optimizer` steps, which hold the gradients to clip and sum: a bf16 model's fp32
+    copies where `adamw` made them, else the model's own parameters."""
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
 def adamw(
     module: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, master_weights: bool
 ) -> tuple[torch.optim.AdamW, MasterWeights | None]:

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import collab_env  # noqa: F401  (registers DeviceCloud-v0)
 from agents.config import FormatWarmupConfig
-from agents.precision import adamw
+from agents.precision import adamw, stepped_parameters
 from collab_env.config import DeviceConfig, EnvConfig, TaskConfig, coerce
 from collab_env.errors import ConfigError
 from collab_env.tasks import HELP_MARKER, Problem
@@ -272,7 +272,7 @@ def fit(
     fp32 master weights unless `master_weights` is off (`agents/precision.py`).
     """
     optimizer, master = adamw(model, lr, (0.9, 0.98), 0.0, master_weights)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = stepped_parameters(optimizer)
     warmup = max(1, round(_WARMUP_FRACTION * steps))
 
     def schedule(step: int) -> float:
