@@ -39,6 +39,10 @@ class Algorithm(ABC):
     needs_reference = False
     needs_decision = False
     """True: `loss` gets `PolicyOutput.decision_logprobs`, the help decision's part of log pi."""
+    only_advantage_terms = False
+    """True when every term of `loss` is a token's advantage times something (no value, entropy or KL
+    term): a row whose advantage is zero at every token then adds exactly zero to the loss and to
+    every gradient, and `update` does not compute it (`rows_that_learn`)."""
 
     def __init__(
         self,
@@ -205,6 +209,15 @@ def score_batch(
     return PolicyOutput(logprobs * mask, None, values, None if decision is None else decision * mask)
 
 
+def rows_that_learn(batch: Rollout) -> Rollout:
+    """The rows with a non-zero advantage at some token; the whole batch if there are none, since
+    AdamW still steps on zero gradients (momentum and weight decay), which needs every gradient."""
+    learning = batch.extras["advantages"].ne(0).any(dim=1)
+    if not learning.any():
+        return batch
+    return batch.select(learning.nonzero().flatten())
+
+
 def single_update(algorithm: Algorithm) -> bool:
     """One optimizer step per batch: the policy that sampled is the one being differentiated, so the
     log-probabilities of the sampling policy are the detached current ones (no scoring pass)."""
@@ -227,6 +240,10 @@ def update(
     update (`single_update`) on a batch the current policy sampled.
     """
     config, train = algorithm.config, algorithm.train
+    if train.skip_zero_advantage_rows and algorithm.only_advantage_terms and config.minibatches == 1:
+        # Groups whose samples all earned the same reward (all right, all wrong) have zero advantage:
+        # often a third of a batch or more, forwarded and differentiated for nothing.
+        batch = rows_that_learn(batch)
     n = len(batch.prompt_ids)
     totals: dict[str, float] = {}
     grad_norms = []
@@ -260,4 +277,5 @@ def update(
     # Metrics are coef-weighted sums, so one pass over all minibatches adds up to the batch value.
     result = {key: value / config.epochs for key, value in totals.items()}
     result["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    result["train/rows_computed"] = float(n)
     return result

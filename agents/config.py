@@ -88,6 +88,12 @@ class TrainConfig:
     copies of its weights and rounds them into the model after each step (`agents/precision.py`); false
     steps the bf16 weights themselves, where steps under bf16's resolution are lost (at lr 1e-5, one
     step moved 2% of SmolLM2-135M's weights). No effect on an fp32 model."""
+    skip_zero_advantage_rows: bool = True
+    """For GRPO, DA-GRPO and GAPG without a KL term (`Algorithm.only_advantage_terms`), and one
+    minibatch: the update does not forward the rows whose advantage is zero at every token (groups
+    whose samples all earned the same reward), which add exactly zero to the gradient. The same
+    estimator, not the same bits: the remaining rows are summed in another order, and sampling at T=1
+    can part after a few steps; false reproduces runs made before this setting bitwise."""
     progress: bool = True
     """Show a progress bar (a periodic line when not on a terminal)."""
 

@@ -111,6 +111,8 @@ class DAGRPO(Algorithm):
         super().__init__(*args, **kwargs)
         self.lam = float(self.config.lambda_0)
 
+    only_advantage_terms = True
+
     @property
     def tau(self) -> float:
         return self.budget.share if self.config.tau is None else self.config.tau

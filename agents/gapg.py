@@ -143,6 +143,10 @@ class GAPG(Algorithm):
         return self.config.kl_anchor > 0
 
     @property
+    def only_advantage_terms(self) -> bool:  # type: ignore[override]
+        return not self.needs_reference
+
+    @property
     def needs_decision(self) -> bool:  # type: ignore[override]
         config: GAPGConfig = self.config
         return config.help_weight != 1 or (self.needs_reference and config.kl_anchor_scope == "content")

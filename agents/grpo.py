@@ -89,6 +89,10 @@ class GRPO(Algorithm):
     def needs_reference(self) -> bool:  # type: ignore[override]
         return self.config.beta > 0
 
+    @property
+    def only_advantage_terms(self) -> bool:  # type: ignore[override]
+        return not self.needs_reference
+
     def prepare(
         self, rollout: Rollout, step: int, policy: Policy, reference: Policy | None
     ) -> tuple[Rollout | None, dict[str, float]]:

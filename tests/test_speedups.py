@@ -32,12 +32,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from agents.algorithm import by_length, forward_cost, micro_batch_order, score_batch, update
+from agents.algorithm import by_length, forward_cost, micro_batch_order, rows_that_learn, score_batch, update
 from agents.batch import Rollout, pad_batch
 from agents.config import RolloutConfig, TrainConfig
+from agents.da_grpo import DAGRPOConfig
 from agents.gapg import GAPGConfig
 from agents.grpo import GRPOConfig
 from agents.policy import Policy
+from agents.ppo import PPOConfig
 from agents.registry import make_algorithm
 from agents.rollout.hf import HFRollout, StaticKVDecoder
 from collab_env.config import BudgetConfig, DeviceConfig
@@ -247,6 +249,65 @@ def accumulated_gradient(config, micro_batch_size: int, old_from_policy: bool = 
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     update(algorithm, policy, optimizer, prepared, torch.Generator().manual_seed(0), old_from_policy)
     return {name: p.grad.clone() for name, p in policy.named_parameters()}
+
+
+def one_group_alike() -> Rollout:
+    """`scored_batch` with the second group's four samples all right on the device: zero advantage."""
+    batch = scored_batch()
+    batch.rewards[4:] = 1.0
+    outcomes = [(True, False), (False, False), (False, True), (False, False)] + [(True, False)] * 4
+    batch.infos = [
+        {"local_correct": local, "cloud_correct": cloud, "correct": local or cloud, "called_cloud": cloud}
+        for local, cloud in outcomes
+    ]
+    return batch
+
+
+def rows_forwarded(policy: Policy) -> list[int]:
+    """The number of rows of each of `policy`'s forward passes from now on."""
+    seen: list[int] = []
+    forward = policy.forward
+
+    def counting(input_ids: torch.Tensor, *args, **kwargs):
+        seen.append(len(input_ids))
+        return forward(input_ids, *args, **kwargs)
+
+    policy.forward = counting
+    return seen
+
+
+@pytest.mark.parametrize("config", [GAPGConfig(filtering=False), GRPOConfig(), DAGRPOConfig()])
+def test_rows_without_advantage_are_not_computed_and_the_gradient_stays(config):
+    gradients, forwarded = [], []
+    for skip in (False, True):
+        policy = Policy(tiny("llama"), _Vocabulary())
+        train = TrainConfig(micro_batch_size=8, max_grad_norm=0.0, skip_zero_advantage_rows=skip)
+        algorithm = make_algorithm(config, train, BudgetConfig(), 0, 7)
+        assert algorithm.only_advantage_terms
+        prepared, _ = algorithm.prepare(one_group_alike(), 1, policy, None)
+        rows = rows_forwarded(policy)
+        update(algorithm, policy, torch.optim.SGD(policy.parameters(), lr=0.0), prepared, torch.Generator())
+        gradients.append({name: p.grad.clone() for name, p in policy.named_parameters()})
+        forwarded.append(sum(rows))
+    assert forwarded == [8, 4]
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, rtol=0, atol=1e-6, msg=name)
+    assert max(g.abs().max() for g in gradients[0].values()) > 1e-3
+
+
+@pytest.mark.parametrize("config", [GRPOConfig(beta=0.1), GAPGConfig(kl_anchor=0.1), PPOConfig()])
+def test_a_loss_with_other_terms_computes_every_row(config):
+    """A KL term, a value loss: a row without advantage still has a gradient."""
+    assert not make_algorithm(config, TrainConfig(), BudgetConfig(), 0, 7).only_advantage_terms
+
+
+def test_a_batch_without_any_advantage_is_still_stepped():
+    """AdamW moves weights on a zero gradient (momentum, decay), so every row keeps its gradient."""
+    batch = one_group_alike()
+    batch.extras["advantages"] = torch.zeros_like(batch.completion_mask)
+    assert len(rows_that_learn(batch).prompt_ids) == 8
+    batch.extras["advantages"][2, 0] = 0.5
+    assert rows_that_learn(batch).prompt_ids == [0]
 
 
 @pytest.mark.parametrize("config", [GAPGConfig(filtering=False), GRPOConfig(loss_type="grpo")])
