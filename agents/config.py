@@ -93,7 +93,7 @@ class TrainConfig:
     minibatch: the update does not forward the rows whose advantage is zero at every token (groups
     whose samples all earned the same reward), which add exactly zero to the gradient. The same
     estimator, not the same bits: the remaining rows are summed in another order, and sampling at T=1
-    can part after a few steps; false reproduces runs made before this setting bitwise."""
+    can part after a few steps; false computes what the update computed before this setting."""
     progress: bool = True
     """Show a progress bar (a periodic line when not on a terminal)."""
 

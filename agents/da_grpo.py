@@ -107,11 +107,11 @@ def da_grpo_loss(logprobs: torch.Tensor, advantages: torch.Tensor, coef: torch.T
 
 
 class DAGRPO(Algorithm):
+    only_advantage_terms = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lam = float(self.config.lambda_0)
-
-    only_advantage_terms = True
 
     @property
     def tau(self) -> float:

@@ -301,6 +301,18 @@ def test_a_loss_with_other_terms_computes_every_row(config):
     assert not make_algorithm(config, TrainConfig(), BudgetConfig(), 0, 7).only_advantage_terms
 
 
+def test_several_minibatches_keep_every_row():
+    """Shuffled minibatches of the whole batch: dropping rows first would change their composition."""
+    policy = Policy(tiny("llama"), _Vocabulary())
+    algorithm = make_algorithm(
+        GRPOConfig(minibatches=2), TrainConfig(micro_batch_size=8), BudgetConfig(), 0, 7
+    )
+    prepared, _ = algorithm.prepare(one_group_alike(), 1, policy, None)
+    rows = rows_forwarded(policy)
+    update(algorithm, policy, torch.optim.SGD(policy.parameters(), lr=0.0), prepared, torch.Generator())
+    assert sum(rows) == 8
+
+
 def test_a_batch_without_any_advantage_is_still_stepped():
     """AdamW moves weights on a zero gradient (momentum, decay), so every row keeps its gradient."""
     batch = one_group_alike()
